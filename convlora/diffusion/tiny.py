@@ -1,0 +1,161 @@
+"""A tiny, offline Stable-Diffusion-architecture pipeline built from configs.
+
+Nothing is downloaded: the UNet, VAE and CLIP text encoder are built from the configs below
+(randomly initialised, deterministically from a seed) and the tokenizer is the real-CLIP-vocabulary
+1,000-token tokenizer shipped as package data (``convlora/diffusion/assets/clip_tokenizer``, see
+:mod:`convlora.diffusion.build_tokenizer`).
+
+Shapes (the same architecture as the pretrained base in ``examples/tiny-sd-fashion``)::
+
+    image       (B, 3, 32, 32)    in [-1, 1]
+    VAE         AutoencoderKL, block_out_channels (32, 64, 64), 1 layer per block, ~0.95M params
+                (B, 3, 32, 32) -> latents (B, 4, 8, 8)   (4x downscale, vae_scale_factor 4)
+    text        CLIPTokenizer, 1,000 tokens, model_max_length 77
+                CLIPTextModel, hidden 32, 5 layers, 4 heads -> (B, 77, 32)
+    UNet        UNet2DConditionModel, block_out_channels (32, 64), 2 layers per block,
+                cross_attention_dim 32, sample_size 8, ~1.43M params
+                (B, 4, 8, 8), t, (B, 77, 32) -> (B, 4, 8, 8)  (epsilon prediction)
+    scheduler   DDPMScheduler, SD-1.x "scaled_linear" betas 0.00085..0.012, 1,000 steps
+
+So ``pipe(prompt)`` gives 32x32 images by default (``unet.sample_size * vae_scale_factor``).
+The UNet is exactly the tiny UNet of diffusers' own tests (with ``sample_size`` set for 8x8
+latents); the VAE has one more block than diffusers' tiny test VAE, for the 4x downscale.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = [
+    "TINY_IMAGE_SIZE",
+    "TINY_LATENT_SIZE",
+    "tiny_unet_config",
+    "tiny_vae_config",
+    "tiny_text_encoder_config",
+    "tiny_scheduler_config",
+    "load_tiny_tokenizer",
+    "build_tiny_pipeline",
+    "save_tiny_pipeline",
+]
+
+#: Default image side of the tiny pipeline, in pixels.
+TINY_IMAGE_SIZE = 32
+#: Latent side (``TINY_IMAGE_SIZE // 4``).
+TINY_LATENT_SIZE = 8
+
+
+def tiny_unet_config() -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs: (B, 4, 8, 8) latents, cross-attention dim 32."""
+    return dict(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+
+
+def tiny_vae_config(scaling_factor: float = 0.18215) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs: (B, 3, 32, 32) <-> (B, 4, 8, 8).
+
+    ``scaling_factor`` multiplies latents before the UNet sees them; the pretrained base
+    stores the value that gives its latents about unit standard deviation.
+    """
+    return dict(
+        sample_size=TINY_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_text_encoder_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """``CLIPTextConfig`` for a 32-wide, 5-layer text encoder whose vocabulary and special ids
+    match ``tokenizer``; outputs (B, 77, 32)."""
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=32,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        max_position_embeddings=tokenizer.model_max_length,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="quick_gelu",
+    )
+
+
+def tiny_scheduler_config() -> dict[str, Any]:
+    """``DDPMScheduler`` kwargs: SD-1.x noise schedule, epsilon prediction (training and sampling)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def load_tiny_tokenizer() -> CLIPTokenizer:
+    """The packaged 1,000-token real-CLIP-vocabulary tokenizer (bos 998, eos = pad = 999)."""
+    resource = importlib.resources.files("convlora").joinpath("diffusion/assets/clip_tokenizer")
+    with importlib.resources.as_file(resource) as folder:
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Build the tiny SD pipeline with weights initialised deterministically from ``seed``.
+
+    The global torch RNG state is left untouched. Same seed -> bit-identical parameters.
+    No safety checker, no feature extractor. Modules are fp32, on the CPU, in eval mode.
+    """
+    tokenizer = load_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**tiny_vae_config())
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer))
+    scheduler = DDPMScheduler(**tiny_scheduler_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline for ``seed`` and save it to ``path`` in the standard diffusers layout
+    (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``;
+    weights as safetensors). Returns ``path`` as a Path."""
+    out = Path(path)
+    build_tiny_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
+    return out

@@ -1,0 +1,220 @@
+"""Native adapter files: one ``.safetensors`` file, strict on load, never unpickled.
+
+Header metadata (all strings, as safetensors requires):
+    ``convlora_format``       ``"1"``
+    ``convlora_config``       the LoRAConfig as JSON
+    ``convlora_modules``      JSON ``{path: {"type", "r", "alpha", "base_shape"}}``
+    ``convlora_fingerprint``  hash of the adapted paths and base weight shapes
+plus any user metadata (e.g. the training script's base model, steps, resolution).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from convlora.config import LoRAConfig
+from convlora.inject import (
+    LayerSpec,
+    apply_plan,
+    get_config,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    temporarily_unmerged,
+    unload,
+)
+from convlora.layers import LORA_CLASSES
+from convlora.state import check_finite, fingerprint, scaling_for
+
+FORMAT_VERSION = "1"
+RESERVED_KEYS = ("convlora_format", "convlora_config", "convlora_modules", "convlora_fingerprint")
+
+
+class LoRAFileError(ValueError):
+    """A file is missing, unreadable, not safetensors, or not the kind of LoRA file expected."""
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically: a temporary file in the same folder, then a rename.
+
+    A crash or an error part-way leaves no file (or the previous file) at ``path``, never half of one.
+    Non-finite tensors are refused before anything is written.
+    """
+    path = Path(path)
+    check_finite(tensors, source=f"tensors for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the header metadata of a safetensors file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        LoRAFileError: the file is a pickle/zip checkpoint (never unpickled), truncated, or otherwise
+            not safetensors — the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise LoRAFileError(
+            f"{path} is a pickled PyTorch checkpoint, not safetensors; convlora never unpickles files. "
+            "Convert it with safetensors in an environment you trust."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError kinds
+        raise LoRAFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    return tensors, metadata
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save the adapter of ``model`` (tensors + config, per-module rank/alpha, base fingerprint).
+
+    Args:
+        metadata: extra string -> string entries for the header (keys may not start with ``convlora_``).
+
+    Raises:
+        ValueError: the model has no LoRA layers, an adapter tensor is non-finite, or ``metadata``
+            uses a reserved key or a non-string value.
+    """
+    extra = dict(metadata or {})
+    bad = [k for k, v in extra.items() if k.startswith("convlora_") or not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"metadata keys must be strings not starting with 'convlora_', values strings: {bad}")
+    layers = lora_layers(model)
+    tensors = lora_state_dict(model)
+    header = {
+        "convlora_format": FORMAT_VERSION,
+        "convlora_modules": json.dumps(_module_table(layers), sort_keys=True),
+        "convlora_fingerprint": fingerprint(_base_shapes(layers)),
+        **extra,
+    }
+    config = get_config(model)
+    if config is not None:
+        header["convlora_config"] = config.to_json()
+    return write_safetensors(tensors, path, header)
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load a native convlora file into ``model``.
+
+    If ``model`` has no LoRA layers yet, they are injected first exactly as the file describes
+    (paths, ranks, alphas). If it has, the file must describe the same adapted modules on the same
+    base shapes (the fingerprint), unless ``strict=False``.
+
+    Returns:
+        The module paths that were loaded.
+
+    Raises:
+        FileNotFoundError / LoRAFileError: unreadable file, or not a convlora file.
+        StateDictMismatchError: missing / unexpected / mis-shaped keys (named, with both shapes).
+        ValueError: the file was made for a different base model (the differing modules are named).
+        Nothing in ``model`` is changed when any of these is raised.
+    """
+    tensors, header = read_safetensors(path)
+    if "convlora_modules" not in header:
+        raise LoRAFileError(
+            f"{path} has no convlora header (keys like {sorted(tensors)[:2]}); if it is a diffusers, "
+            "kohya or PEFT file, import it with `convlora convert` or convlora.formats"
+        )
+    table: dict[str, dict] = json.loads(header["convlora_modules"])
+    config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
+    layers = lora_layers(model)
+    injected_here = not layers
+    if injected_here:
+        _check_base_fits(model, table, path)
+        plan = {p: LayerSpec(int(m["r"]), float(m["alpha"])) for p, m in table.items()}
+        apply_plan(model, plan, config or _config_for_table(table))
+        layers = lora_layers(model)
+    elif strict:
+        _check_fingerprint(layers, table, header, path)
+    try:
+        loaded = [p for p in table if p in layers]
+        with temporarily_unmerged([layers[p] for p in loaded]):
+            load_lora_state_dict(model, tensors, strict=strict, source=str(path))
+            use_rslora = config.use_rslora if config is not None else False
+            for p in loaded:
+                layers[p].lora_alpha = float(table[p]["alpha"])
+                layers[p].scaling = scaling_for(layers[p].r, layers[p].lora_alpha, use_rslora)
+    except Exception:
+        if injected_here:
+            unload(model)
+        raise
+    return loaded
+
+
+def _module_table(layers) -> dict[str, dict]:
+    return {
+        path: {
+            "type": type(layer).__name__,
+            "r": layer.r,
+            "alpha": layer.lora_alpha,
+            "base_shape": list(layer.weight.shape),
+        }
+        for path, layer in layers.items()
+    }
+
+
+def _base_shapes(layers) -> dict[str, tuple[int, ...]]:
+    return {path: tuple(layer.weight.shape) for path, layer in layers.items()}
+
+
+def _check_base_fits(model: nn.Module, table: Mapping[str, dict], path) -> None:
+    modules = dict(model.named_modules())
+    problems = []
+    for module_path, entry in table.items():
+        module = modules.get(module_path)
+        if module is None:
+            problems.append(f"{module_path}: no such module")
+        elif type(module) not in LORA_CLASSES:
+            problems.append(f"{module_path}: is a {type(module).__name__}, not a layer LoRA can wrap")
+        elif list(module.weight.shape) != list(entry["base_shape"]):
+            problems.append(f"{module_path}: base weight is {tuple(module.weight.shape)}, file was made for {tuple(entry['base_shape'])}")
+    if problems:
+        raise ValueError(f"{path} was made for a different base model: " + "; ".join(problems[:12]))
+
+
+def _check_fingerprint(layers, table: Mapping[str, dict], header: Mapping[str, str], path) -> None:
+    if fingerprint(_base_shapes(layers)) == header.get("convlora_fingerprint"):
+        return
+    problems = [f"{p}: in the file, not adapted in the model" for p in table if p not in layers]
+    problems += [f"{p}: adapted in the model, not in the file" for p in layers if p not in table]
+    problems += [
+        f"{p}: base weight is {tuple(layers[p].weight.shape)}, file was made for {tuple(table[p]['base_shape'])}"
+        for p in table
+        if p in layers and list(layers[p].weight.shape) != list(table[p]["base_shape"])
+    ]
+    raise ValueError(
+        f"{path} was made for a different base model (fingerprint mismatch): "
+        + ("; ".join(problems[:12]) or "base shapes differ")
+    )
+
+
+def _config_for_table(table: Mapping[str, dict]) -> LoRAConfig:
+    return LoRAConfig(r=max(int(m["r"]) for m in table.values()), target_modules=sorted(table))

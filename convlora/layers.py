@@ -1,0 +1,395 @@
+"""LoRA layers that *are* their torch layers.
+
+``convlora.Conv2d`` subclasses ``nn.Conv2d``: it owns the base ``weight`` / ``bias`` under their
+original names and adds ``lora_A`` / ``lora_B``. The adapted weight is ``W + s * ΔW`` with
+``ΔW = B @ A`` (flattened; see :func:`convlora.state.delta_weight`) and ``s = alpha / r``.
+
+Shapes (DESIGN.md):
+    Linear ``W (out, in)``:              ``lora_A (r, in)``,             ``lora_B (out, r)``
+    ConvNd ``W (C_out, C_in/g, *k)``:    ``lora_A (r, C_in/g, *k)``,     ``lora_B (C_out, r, *1s)``
+    GPT-2 ``Conv1D`` ``W (in, out)``:    ``lora_A (r, in)``,             ``lora_B (out, r)``
+
+Merge-on-eval (loralib's contract, made exact): ``eval()`` merges ``s * ΔW`` into the weight (the
+merge is computed in float32 and cast back; a non-finite result raises and changes nothing),
+``train()`` restores the weight **bit-exactly** from a copy taken at merge time, so no drift
+accumulates over any number of cycles in any dtype. While merged, ``state_dict()`` still reports the
+base weight, so a checkpoint taken in eval mode is a clean base + adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D as HFConv1D
+
+from convlora.state import delta_weight, scaling_for
+
+_WARNED_MERGE_SKIPS: set[str] = set()
+
+
+class LoRALayer:
+    """Behaviour shared by every LoRA layer; mixed in before the torch class it adapts.
+
+    Attributes:
+        r: rank of the update.
+        lora_alpha: scaling numerator.
+        scaling: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+        merge_weights: whether ``eval()`` merges and ``train()`` unmerges.
+        merged: whether ``s * ΔW`` is currently inside ``weight``.
+        lora_disabled: when True the layer computes the base output only.
+    """
+
+    torch_class: type[nn.Module]  # the plain torch class this LoRA class adapts
+
+    # ---- construction -------------------------------------------------------------------------
+    def _init_lora(
+        self,
+        r: int,
+        lora_alpha: float | None,
+        lora_dropout: float,
+        merge_weights: bool,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+    ) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.r = r
+        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.use_rslora = use_rslora
+        self.scaling = scaling_for(r, self.lora_alpha, use_rslora)
+        self.merge_weights = merge_weights
+        self.merged = False
+        self.lora_disabled = False
+        # nn.Identity, not a lambda: module state must be a module (and p = 0 costs nothing).
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        a_shape, b_shape = self._lora_shapes(r)
+        weight = self.weight
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
+        # The exact pre-merge weight while merged; non-persistent, so never saved.
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.reset_lora_parameters(init)
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """A: Kaiming-uniform (a=sqrt(5), as ``nn.Linear``) or N(0, 1/r²); B: zeros, so ΔW = 0."""
+        if self.merged:
+            raise RuntimeError("reset_lora_parameters on a merged layer: call train() or unmerge() first")
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+            nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_module(
+        cls,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        merge_weights: bool = True,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+    ) -> "LoRALayer":
+        """Wrap an existing layer, sharing its ``weight`` / ``bias`` tensors (nothing re-initialised).
+
+        The new layer takes over the base module's attributes, parameters, buffers and hooks; the
+        base module itself is left as it was.
+
+        Raises:
+            TypeError: if ``base`` is not exactly ``cls.torch_class`` (a subclass may override
+                ``forward`` in ways a LoRA layer cannot know about).
+        """
+        if type(base) is not cls.torch_class:
+            raise TypeError(
+                f"{cls.__module__}.{cls.__name__}.from_module needs a {cls.torch_class.__module__}."
+                f"{cls.torch_class.__name__}, got {type(base).__module__}.{type(base).__name__}"
+            )
+        layer = cls.__new__(cls)
+        layer.__dict__.update(_copy_module_state(base.__dict__))
+        layer._init_lora(r, alpha, dropout, merge_weights, init=init, use_rslora=use_rslora)
+        return layer
+
+    def to_base_layer(self, merge: bool) -> nn.Module:
+        """A plain torch layer sharing this layer's base tensors, with ``s * ΔW`` merged in or dropped.
+
+        Used by :func:`convlora.merge_and_unload` and :func:`convlora.unload`.
+        """
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        state = _copy_module_state(self.__dict__)
+        for name in ("lora_A", "lora_B"):
+            state["_parameters"].pop(name)
+        state["_modules"].pop("lora_dropout")
+        state["_buffers"].pop("_unmerged_weight")
+        state["_non_persistent_buffers_set"].discard("_unmerged_weight")
+        for name in ("r", "lora_alpha", "use_rslora", "scaling", "merge_weights", "merged", "lora_disabled"):
+            state.pop(name, None)
+        base = self.torch_class.__new__(self.torch_class)
+        base.__dict__.update(state)
+        return base
+
+    # ---- the geometry of one kind of layer (overridden per class) ------------------------------
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B(A(x))`` for an input already passed through dropout; output shaped like the base's."""
+        raise NotImplementedError
+
+    def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """Turn ΔW from the ``(out, in/g, *k)`` convention into this layer's weight layout."""
+        return delta
+
+    # ---- ΔW, merge, unmerge --------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """``s * ΔW`` in this layer's weight layout, float32 (the one place ΔW is computed)."""
+        return self._delta_to_weight_layout(delta_weight(self.lora_A, self.lora_B, self.scaling))
+
+    def merge(self) -> None:
+        """Add ``s * ΔW`` into ``weight`` (fp32 math, cast back). A no-op if already merged.
+
+        Raises:
+            ValueError: the merged weight would hold NaN/inf; the weight is left untouched.
+            RuntimeError: the weight is sharded (FSDP) or quantized and cannot be merged.
+        """
+        if self.merged:
+            return
+        blocker = self._merge_blocker()
+        if blocker is not None:
+            raise RuntimeError(f"cannot merge LoRA into {self._describe()}: its weight is {blocker}")
+        weight = self.weight
+        merged = weight.detach().float() + self.delta_weight().to(weight.device)
+        if not bool(torch.isfinite(merged).all()):
+            raise ValueError(
+                f"merging LoRA into {self._describe()} gives non-finite weights (NaN/inf); "
+                "the base weight was left unchanged"
+            )
+        self._unmerged_weight = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(merged.to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge weight (bit-identical). A no-op if not merged."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        """``train()`` unmerges, ``eval()`` merges (when ``merge_weights``); see module docstring."""
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            elif not self.lora_disabled and not self.merged:
+                blocker = self._merge_blocker()
+                if blocker is None:
+                    self.merge()
+                elif blocker not in _WARNED_MERGE_SKIPS:
+                    _WARNED_MERGE_SKIPS.add(blocker)
+                    warnings.warn(
+                        f"convlora: merge-on-eval skipped because weights are {blocker}; "
+                        "LoRA layers run unmerged (same outputs, slightly slower).",
+                        stacklevel=2,
+                    )
+        return self
+
+    def _merge_blocker(self) -> str | None:
+        """Why this weight cannot be merged in place, or None."""
+        weight = self.weight
+        kind = type(weight).__name__
+        if kind in ("DTensor", "FlatParameter") or getattr(weight, "_fsdp_flattened", False) or weight.numel() == 0:
+            return "sharded (FSDP)"
+        if not weight.is_floating_point() or kind in ("Params4bit", "Int8Params"):
+            return "quantized"
+        return None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.lora_disabled:
+            return super().forward(x)
+        return self._adapted_forward(x)
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the LoRA branch (the unmerged path)."""
+        result = super().forward(x)
+        lora = self._lora_branch(self.lora_dropout(x).to(self.lora_A.dtype))
+        return result + lora.to(result.dtype)
+
+    # ---- state dict: a merged layer still saves its base weight --------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            saved = self._unmerged_weight
+            destination[prefix + "weight"] = saved if keep_vars else saved.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_merged = self.merged
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_merged:
+            self.merge()
+
+    def _describe(self) -> str:
+        name = getattr(self, "_lora_path", None)
+        return f"{name} ({type(self).__name__})" if name else type(self).__name__
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, merged={self.merged}"
+
+
+class Linear(LoRALayer, nn.Linear):
+    """LoRA ``nn.Linear``: ``y = x W^T + b + s * (x A^T) B^T``.
+
+    ``Linear(in, out, r=8, lora_alpha=None, lora_dropout=0., merge_weights=True, **linear_kwargs)``
+    is a drop-in for ``loralib.Linear`` (like loralib it freezes ``weight``; ``lora_alpha=None``
+    means ``alpha = r``).
+    """
+
+    torch_class = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+        self.weight.requires_grad = False
+
+    def _lora_shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
+
+    def _lora_branch(self, x):
+        # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, out) -> (..., out)
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+
+class _ConvLoRA(LoRALayer):
+    """Shared by Conv1d/2d/3d: nothing here assumes a number of spatial dimensions.
+
+    The A branch runs through the base conv's own ``_conv_forward``, so stride, padding (including
+    ``"same"``), dilation, ``padding_mode`` and groups come from the base layer in this one place.
+    For ``groups = g > 1`` A is shared by the groups: the A branch is a grouped conv with A repeated
+    g times, ``(g*r, C_in/g, *k)``, and B a grouped 1×1 conv, ``(C_out, r, *1s)``; together they
+    equal a conv with ``ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...]`` — the same formula as the merge.
+    """
+
+    def _lora_shapes(self, r):
+        kernel = tuple(self.kernel_size)
+        return (r, self.in_channels // self.groups, *kernel), (self.out_channels, r, *(1,) * len(kernel))
+
+    def _lora_branch(self, x):
+        lora_A = self.lora_A
+        if self.groups > 1:
+            lora_A = lora_A.repeat(self.groups, *(1,) * (lora_A.dim() - 1))  # (g*r, C_in/g, *k)
+        hidden = self._conv_forward(x, lora_A, None)  # (N, g*r, *spatial_out)
+        return _CONV_FN[len(self.kernel_size)](hidden * self.scaling, self.lora_B, groups=self.groups)
+
+    @property
+    def is_spatial(self) -> bool:
+        """True when the kernel is larger than 1 in some dimension (kohya's "conv" layers)."""
+        return any(k > 1 for k in self.kernel_size)
+
+
+def _conv_init(self, torch_class, in_channels, out_channels, kernel_size, r, lora_alpha, lora_dropout, merge_weights, kwargs):
+    torch_class.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+    self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+    self.weight.requires_grad = False
+
+
+class Conv1d(_ConvLoRA, nn.Conv1d):
+    """LoRA ``nn.Conv1d``; drop-in constructor ``Conv1d(in, out, k, r=8, lora_alpha=None, lora_dropout=0., merge_weights=True, **conv_kwargs)``."""
+
+    torch_class = nn.Conv1d
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=8, lora_alpha=None, lora_dropout=0.0, merge_weights=True, **kwargs):
+        _conv_init(self, nn.Conv1d, in_channels, out_channels, kernel_size, r, lora_alpha, lora_dropout, merge_weights, kwargs)
+
+
+class Conv2d(_ConvLoRA, nn.Conv2d):
+    """LoRA ``nn.Conv2d``; drop-in constructor ``Conv2d(in, out, k, r=8, lora_alpha=None, lora_dropout=0., merge_weights=True, **conv_kwargs)``."""
+
+    torch_class = nn.Conv2d
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=8, lora_alpha=None, lora_dropout=0.0, merge_weights=True, **kwargs):
+        _conv_init(self, nn.Conv2d, in_channels, out_channels, kernel_size, r, lora_alpha, lora_dropout, merge_weights, kwargs)
+
+
+class Conv3d(_ConvLoRA, nn.Conv3d):
+    """LoRA ``nn.Conv3d``; drop-in constructor ``Conv3d(in, out, k, r=8, lora_alpha=None, lora_dropout=0., merge_weights=True, **conv_kwargs)``."""
+
+    torch_class = nn.Conv3d
+
+    def __init__(self, in_channels, out_channels, kernel_size, r=8, lora_alpha=None, lora_dropout=0.0, merge_weights=True, **kwargs):
+        _conv_init(self, nn.Conv3d, in_channels, out_channels, kernel_size, r, lora_alpha, lora_dropout, merge_weights, kwargs)
+
+
+class GPT2Conv1D(LoRALayer, HFConv1D):
+    """LoRA for transformers' GPT-2 ``Conv1D`` (a linear layer with a transposed ``(in, out)`` weight).
+
+    ``y = x W + b + s * (x A^T) B^T``; ``lora_A (r, in)``, ``lora_B (out, r)`` as for Linear, and
+    ΔW is transposed to ``(in, out)`` when merged.
+    """
+
+    torch_class = HFConv1D
+
+    def __init__(self, nf: int, nx: int, r: int = 8, lora_alpha=None, lora_dropout=0.0, merge_weights=True) -> None:
+        HFConv1D.__init__(self, nf, nx)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+        self.weight.requires_grad = False
+
+    def _lora_shapes(self, r):
+        n_in, n_out = self.weight.shape
+        return (r, n_in), (n_out, r)
+
+    def _lora_branch(self, x):
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+    def _delta_to_weight_layout(self, delta):
+        return delta.t()  # (out, in) -> (in, out)
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: torch class -> LoRA class that adapts it (exact type match).
+LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
+    nn.Linear: Linear,
+    nn.Conv1d: Conv1d,
+    nn.Conv2d: Conv2d,
+    nn.Conv3d: Conv3d,
+    HFConv1D: GPT2Conv1D,
+}
+
+
+def is_spatial_conv(module: nn.Module) -> bool:
+    """True for a ConvNd whose kernel is larger than 1 in some dimension."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(k > 1 for k in module.kernel_size)
+
+
+def _copy_module_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Shallow copy of a module's ``__dict__`` with its own parameter/buffer/module/hook containers
+    (the tensors and submodules inside are shared, not copied)."""
+    return {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in state.items()}
