@@ -215,7 +215,9 @@ class LoRALayer:
         """Why this weight cannot be merged in place, or None."""
         weight = self.weight
         kind = type(weight).__name__
-        if kind in ("DTensor", "FlatParameter") or getattr(weight, "_fsdp_flattened", False) or weight.numel() == 0:
+        # FSDP (1 and 2) marks the modules it manages; after a forward their weights may be
+        # temporary unsharded copies, so a merge there would be silently thrown away.
+        if getattr(self, "_is_fsdp_managed_module", False) or kind in ("DTensor", "FlatParameter"):
             return "sharded (FSDP)"
         if not weight.is_floating_point() or kind in ("Params4bit", "Int8Params"):
             return "quantized"
