@@ -29,7 +29,14 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from convlora.state import delta_weight, scaling_for
 
-_WARNED_MERGE_SKIPS: set[str] = set()
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per distinct message per process (merge-on-eval notices would repeat per layer)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 class LoRALayer:
@@ -202,12 +209,10 @@ class LoRALayer:
                 blocker = self._merge_blocker()
                 if blocker is None:
                     self.merge()
-                elif blocker not in _WARNED_MERGE_SKIPS:
-                    _WARNED_MERGE_SKIPS.add(blocker)
-                    warnings.warn(
+                else:
+                    _warn_once(
                         f"convlora: merge-on-eval skipped because weights are {blocker}; "
-                        "LoRA layers run unmerged (same outputs, slightly slower).",
-                        stacklevel=2,
+                        "LoRA layers run unmerged (same outputs, slightly slower)."
                     )
         return self
 
@@ -225,9 +230,19 @@ class LoRALayer:
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.lora_disabled:
+        if self.lora_disabled:
             return super().forward(x)
-        return self._adapted_forward(x)
+        if not self.merged:
+            return self._adapted_forward(x)
+        result = super().forward(x)  # the merged weight already carries s * ΔW
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            # A merged forward alone gives A and B no gradient, so training in eval mode would
+            # silently learn nothing. Add a branch whose value is exactly zero and whose gradient
+            # w.r.t. A and B is the unmerged one; x is detached because the input gradient already
+            # flows through the merged weight.
+            branch = self._lora_branch(x.detach().to(self.lora_A.dtype))
+            result = result + (branch - branch.detach()).to(result.dtype)
+        return result
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the LoRA branch (the unmerged path)."""

@@ -246,7 +246,7 @@ def test_fsdp_sharded_weights_skip_merge_with_one_warning():
         expected = model(x)
         from convlora import layers as layers_module
 
-        layers_module._WARNED_MERGE_SKIPS.clear()
+        layers_module._WARNED.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.eval()
@@ -260,3 +260,27 @@ def test_fsdp_sharded_weights_skip_merge_with_one_warning():
             model[0].merge()
     finally:
         dist.destroy_process_group()
+
+
+def test_training_through_a_merged_layer_still_trains():
+    """Gradients in eval mode: the layer stays merged, outputs are the merged ones, A and B get the
+    same gradients as unmerged (no dropout here)."""
+    model = make_model()
+    convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["conv1", "head"]))
+    convlora.mark_only_lora_as_trainable(model)
+    randomize_lora_(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    expected_x_grad = x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+    model.eval()
+    with torch.no_grad():
+        merged_out = model(x)
+    out = model(x)
+    assert model.conv1.merged and torch.equal(out, merged_out)
+    out.square().sum().backward()
+    for name, grad in expected.items():
+        assert relative_error(dict(model.named_parameters())[name].grad, grad) < 1e-5, name
+    assert relative_error(x.grad, expected_x_grad) < 1e-5

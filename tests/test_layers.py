@@ -170,6 +170,9 @@ def test_eval_forward_does_no_lora_work():
         raise AssertionError("the LoRA branch ran although the layer is merged")
 
     layer._lora_branch = forbidden
+    with torch.no_grad():
+        layer(x)
+    layer.requires_grad_(False)  # a frozen adapter (inference after loading) does no LoRA work either
     layer(x)
     original = layer._unmerged_weight.clone()
     assert not torch.equal(layer.weight, original), "eval() must change the weight"
