@@ -78,8 +78,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header's "{". The length's
+    # low byte may itself be 0x80 or "P", so only a file without that "{" can be a pickle / zip.
+    is_safetensors_layout = head[8:9] == b"{"
+    if not is_safetensors_layout and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise LoRAFileError(
             f"{path} is a pickled PyTorch checkpoint, not safetensors; convlora never unpickles files. "
             "Convert it with safetensors in an environment you trust."
