@@ -1,0 +1,177 @@
+"""LoRA on a whole Stable Diffusion pipeline (UNet and optionally text encoder), saved as one file.
+
+>>> cfg = unet_lora_config("full", rank=8, conv_rank=4)
+>>> inject_pipeline_lora(pipe, unet_config=cfg)                          # doctest: +SKIP
+>>> save_pipeline_lora("pytorch_lora_weights.safetensors", unet=pipe.unet)  # doctest: +SKIP
+>>> pipe2.load_lora_weights("pytorch_lora_weights.safetensors")          # diffusers itself, same outputs
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from convlora.config import LoRAConfig
+from convlora.formats import FORMATS, LoRAFormatError, LoRAWeights, read_lora_file, write_lora_file
+from convlora.formats.weights import (
+    check_portable_geometry,
+    load_weights_into_model,
+    resolve_paths,
+    uses_rslora,
+    weights_from_model,
+)
+from convlora.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, unload
+
+__all__ = ["inject_pipeline_lora", "load_pipeline_lora", "save_pipeline_lora"]
+
+_RESERVED_METADATA = ("format", "lora_adapter_metadata")
+
+
+def inject_pipeline_lora(
+    pipe: Any, unet_config: LoRAConfig | None = None, text_encoder_config: LoRAConfig | None = None
+) -> dict[str, list[str]]:
+    """Inject LoRA into ``pipe.unet`` and/or ``pipe.text_encoder``; returns the adapted paths per component.
+
+    Raises:
+        ValueError: neither config given, or what :func:`convlora.inject_lora` raises.
+    """
+    if unet_config is None and text_encoder_config is None:
+        raise ValueError("give unet_config and/or text_encoder_config")
+    adapted = {}
+    if unet_config is not None:
+        adapted["unet"] = inject_lora(pipe.unet, unet_config)
+    if text_encoder_config is not None:
+        adapted["text_encoder"] = inject_lora(pipe.text_encoder, text_encoder_config)
+    return adapted
+
+
+def save_pipeline_lora(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    format: str = "diffusers",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save the LoRA of a UNet and/or text encoder as one file.
+
+    Args:
+        path: the ``.safetensors`` file to write (a folder gets diffusers' file name
+            ``pytorch_lora_weights.safetensors`` inside it, for ``format="diffusers"``).
+        format: ``"diffusers"`` (``StableDiffusionPipeline.load_lora_weights`` loads it),
+            ``"kohya"`` (A1111 / ComfyUI, and diffusers too) or ``"native"`` (convlora's own file,
+            modules prefixed ``unet.`` / ``text_encoder.``).
+        metadata: string entries for the file header (e.g. ``base_model``, ``steps``; see README).
+
+    Returns:
+        The file written (atomically: a crash leaves no partial file).
+
+    Raises:
+        ValueError: no model given, a model without LoRA, bad metadata, an unknown format.
+        LoRAFormatError: conv LoRA that diffusers / kohya loaders would compute differently
+            (groups > 1, dilation, non-zero padding mode; use ``format="native"``).
+    """
+    if format not in FORMATS or format == "peft":
+        raise ValueError(f"format must be 'diffusers', 'kohya' or 'native', got {format!r}")
+    models = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    if not models:
+        raise ValueError("save_pipeline_lora needs unet= and/or text_encoder=")
+    extra = _checked_metadata(metadata)
+    modules = {}
+    for name, model in models.items():
+        if format != "native":
+            check_portable_geometry(model, format)
+        modules.update(weights_from_model(model, prefix=f"{name}."))
+    weights = LoRAWeights(modules, use_rslora=uses_rslora(*models.values()), metadata=extra)
+    return write_lora_file(weights, path, format)
+
+
+def load_pipeline_lora(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a LoRA file of any format into a UNet and/or text encoder.
+
+    The format is detected (convlora native, diffusers, kohya, PEFT folder). A model without LoRA
+    gets LoRA injected exactly as the file describes (paths, ranks, alphas); a model with LoRA must
+    carry it on exactly the file's modules. A file for a single model (no ``unet.`` /
+    ``text_encoder.`` prefixes) loads into the UNet, or the text encoder if its names fit only there.
+
+    Returns:
+        ``{"format": str, "metadata": dict[str, str], "unet": [paths], "text_encoder": [paths]}``.
+
+    Raises:
+        LoRAFormatError: no LoRA keys; keys the format's reader does not understand; with ``strict``
+            a component the file has but no model was given for, or modules the model lacks — all
+            named. Nothing is changed in either model when it raises.
+        StateDictMismatchError: rank / shape mismatches, or (strict) LoRA modules of the model that the
+            file does not cover.
+    """
+    models = {"unet": unet, "text_encoder": text_encoder}
+    if unet is None and text_encoder is None:
+        raise ValueError("load_pipeline_lora needs unet= and/or text_encoder=")
+    fmt, weights = read_lora_file(path)
+    parts = _split_by_component(weights, models, path)
+    absent = [name for name in parts if models.get(name) is None]
+    if absent and strict:
+        raise LoRAFormatError(
+            f"{path} holds LoRA for {', '.join(absent)} ({sum(len(parts[a]) for a in absent)} modules) but no such "
+            "model was given; pass it, or strict=False to skip it"
+        )
+    result: dict[str, Any] = {"format": fmt, "metadata": dict(weights.metadata), "unet": [], "text_encoder": []}
+    snapshots = {}  # restore models already loaded if a later one fails
+    try:
+        for name, modules in parts.items():
+            model = models.get(name)
+            if model is None:
+                continue
+            snapshots[name] = lora_state_dict(model, bias="none") if lora_layers(model) else None
+            result[name] = load_weights_into_model(
+                model, modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
+            )
+    except Exception:
+        for name, snapshot in snapshots.items():
+            if name in result and result[name]:  # this component was loaded before the failure
+                if snapshot is None:
+                    unload(models[name])
+                else:
+                    load_lora_state_dict(models[name], snapshot, bias="none")
+        raise
+    return result
+
+
+def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | None], path) -> dict[str, dict]:
+    stray = weights.unprefixed()
+    if not stray:
+        return {name: weights.component(name) for name in weights.components()}
+    if weights.components():
+        raise LoRAFormatError(
+            f"{path} mixes paths with and without a pipeline component prefix (e.g. {stray[0]}); cannot tell them apart"
+        )
+    # A single-model file: the UNet, unless only the text encoder has these modules.
+    if models.get("unet") is not None and not resolve_paths(stray, models["unet"])[1]:
+        return {"unet": weights.modules}
+    te = models.get("text_encoder")
+    if te is not None and not resolve_paths(stray, te)[1]:
+        return {"text_encoder": weights.modules}
+    return {"unet" if models.get("unet") is not None else "text_encoder": weights.modules}
+
+
+def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    extra = dict(metadata or {})
+    bad = [
+        k
+        for k, v in extra.items()
+        if not isinstance(k, str) or not isinstance(v, str) or k.startswith("convlora_") or k in _RESERVED_METADATA
+    ]
+    if bad:
+        raise ValueError(
+            "metadata must map strings to strings, and 'convlora_*', 'format', 'lora_adapter_metadata' are "
+            f"reserved; offending keys: {bad}"
+        )
+    return extra

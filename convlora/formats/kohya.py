@@ -1,0 +1,149 @@
+"""kohya-ss / AUTOMATIC1111 / ComfyUI LoRA files (what sd-scripts' ``networks/lora.py`` writes).
+
+Per module ``<name>.lora_down.weight`` (= convlora's A, with the base conv's kernel),
+``<name>.lora_up.weight`` (= B, 1x1 for convs) and ``<name>.alpha`` (0-dim tensor); the scaling is
+``alpha / rank``. ``<name>`` is ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for
+SDXL's two text encoders) followed by the diffusers module path with every ``.`` turned into
+``_`` — the nested CLIP spelling (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``) for
+text encoders. String metadata: ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``,
+``ss_network_args`` (``{"conv_dim", "conv_alpha"}``) and ``ss_base_model_version``.
+
+The names lose their dots. Loading into a model maps them back exactly by comparing with the
+model's module names (:func:`convlora.formats.weights.resolve_paths`); converting without a model
+restores them from the vocabulary of SD-1.x UNet and CLIP module names below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import torch
+
+from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
+
+#: Every key of a file that diffusers' ``load_lora_weights`` treats as kohya starts with one of these.
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+# Module-name segments that contain "_" in diffusers' UNet2DConditionModel and transformers' CLIP,
+# longest first when they share a start.
+_SEGMENTS = {
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out", "proj_in", "proj_out", "conv_in", "conv_out",
+    "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2", "add_embedding",
+    "class_embedding", "conv_norm_out", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
+    "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding",
+    "position_embedding", "text_projection", "encoder_hid_proj",
+}  # fmt: skip
+_MAX_SEGMENT_WORDS = max(s.count("_") + 1 for s in _SEGMENTS)
+
+
+def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a kohya LoRA file.
+
+    rsLoRA scaling ``alpha / sqrt(r)`` has no kohya spelling; it is written as the equivalent
+    ``alpha' = alpha * sqrt(r)`` (same outputs in every loader).
+
+    Raises:
+        LoRAFormatError: a path without a ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` prefix,
+            or two paths that become the same kohya name.
+    """
+    stray = weights.unprefixed()
+    if stray:
+        raise LoRAFormatError(
+            "a kohya LoRA file names each module by its pipeline component (unet., text_encoder.); "
+            f"these paths have none: {', '.join(stray[:6])}"
+        )
+    components = weights.components()
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+    if "text_encoder_2" in components:
+        prefixes["text_encoder"] = "lora_te1_"
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for component in components:
+        for path, module in weights.component(component).items():
+            spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
+            name = prefixes[component] + spelled.replace(".", "_")
+            if name in origin:
+                raise LoRAFormatError(f"{origin[name]} and {component}.{path} both become kohya name {name}")
+            origin[name] = f"{component}.{path}"
+            alpha = module.alpha * math.sqrt(module.r) if weights.use_rslora else module.alpha
+            tensors[f"{name}.lora_down.weight"] = module.lora_A
+            tensors[f"{name}.lora_up.weight"] = module.lora_B
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    rank, alpha, conv_rank, conv_alpha = weights.most_common()
+    scale = (lambda r: math.sqrt(r)) if weights.use_rslora else (lambda r: 1.0)
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _fmt(alpha * scale(rank)),
+        "ss_base_model_version": base_model_version,
+    }
+    if conv_rank is not None:
+        header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha * scale(conv_rank))})
+    header.update(weights.metadata)
+    return tensors, header
+
+
+def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
+    """Neutral weights from a kohya file; paths get a component prefix and restored dots.
+
+    A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). Keys that are
+    not ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa,
+    LoKr, DoRA scales, ...) are named in an error.
+    """
+    prefixed = {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)}
+    groups, leftovers = split_lora_keys(
+        prefixed, {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+    )
+    leftovers += [k for k in tensors if not k.startswith(KOHYA_PREFIXES)]
+    raise_on_leftovers(leftovers, source, " (convlora imports plain LoRA / LoCon: no LoHa, LoKr or DoRA)")
+    modules = pair_modules(
+        groups, lambda name, rank, group: float(group["alpha"].item()) if "alpha" in group else float(rank), source
+    )
+    if not modules:
+        raise LoRAFormatError(f"{source} holds no LoRA weights")
+    renamed: dict[str, LoRAModule] = {}
+    has_te2 = any(name.startswith("lora_te2_") for name in modules)
+    for name, module in modules.items():
+        path = kohya_name_to_path(name, has_te2)
+        if path in renamed:
+            raise LoRAFormatError(f"{source}: two kohya names restore to the same module path {path}")
+        renamed[path] = module
+    return LoRAWeights(renamed, use_rslora=False, metadata=dict(header))
+
+
+def kohya_name_to_path(name: str, has_te2: bool = False) -> str:
+    """``lora_unet_down_blocks_0_resnets_0_conv1`` -> ``unet.down_blocks.0.resnets.0.conv1``.
+
+    Dots are restored from the SD-1.x UNet / CLIP vocabulary; when loading into a model the result
+    is matched against the model's own names, so an unusual name still lands on the right module.
+    """
+    for prefix, component in (
+        ("lora_unet_", "unet"),
+        ("lora_te1_", "text_encoder"),
+        ("lora_te2_", "text_encoder_2"),
+        ("lora_te_", "text_encoder"),
+    ):
+        if name.startswith(prefix):
+            return f"{component}.{_restore_dots(name[len(prefix):])}"
+    raise LoRAFormatError(f"{name} does not start with one of {KOHYA_PREFIXES}")
+
+
+def _restore_dots(flat: str) -> str:
+    words = flat.split("_")
+    segments, i = [], 0
+    while i < len(words):
+        for n in range(min(_MAX_SEGMENT_WORDS, len(words) - i), 0, -1):
+            candidate = "_".join(words[i : i + n])
+            if n == 1 or candidate in _SEGMENTS:
+                segments.append(candidate)
+                i += n
+                break
+    return ".".join(segments)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

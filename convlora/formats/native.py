@@ -1,0 +1,81 @@
+"""convlora's own files (see :mod:`convlora.io`) as neutral weights, and back.
+
+A single-model file (``convlora.save_lora``) names modules by their path in the model; a pipeline
+file (``save_pipeline_lora(..., format="native")``) prefixes them with ``unet.`` /
+``text_encoder.``. The header layout is :mod:`convlora.io`'s: ``convlora_modules`` gives each
+module's rank, alpha and base weight shape, ``convlora_config`` the LoRAConfig.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+
+from convlora.config import LoRAConfig
+from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
+from convlora.io import FORMAT_VERSION, RESERVED_KEYS
+from convlora.state import fingerprint
+
+
+def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
+    """Neutral weights from a convlora file; alpha from the header's module table.
+
+    Raises:
+        LoRAFormatError: keys other than ``<path>.lora_A`` / ``.lora_B`` (saved biases or
+            ``modules_to_save``, which only :func:`convlora.load_lora` restores), or modules the
+            table does not describe.
+    """
+    if "convlora_modules" not in header:
+        raise LoRAFormatError(f"{source} has no convlora header")
+    table: dict[str, dict] = json.loads(header["convlora_modules"])
+    groups, leftovers = split_lora_keys(tensors, {".lora_A": "A", ".lora_B": "B"})
+    raise_on_leftovers(
+        leftovers, source, " (biases / modules_to_save: load this file with convlora.load_lora, other formats cannot hold them)"
+    )
+    undescribed = sorted(set(groups) ^ set(table))
+    if undescribed:
+        raise LoRAFormatError(f"{source}: tensors and the convlora_modules header disagree on: {', '.join(undescribed[:12])}")
+    modules = pair_modules(groups, lambda path, rank, _: float(table[path]["alpha"]), source)
+    config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
+    metadata = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
+    return LoRAWeights(modules, use_rslora=bool(config and config.use_rslora), metadata=metadata)
+
+
+def to_native(weights: LoRAWeights, config: LoRAConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a convlora file, in :func:`convlora.save_lora`'s layout.
+
+    The base weight shape of each module is implied by A and B (``(out, in)`` for Linear,
+    ``(C_out, C_in/groups, *k)`` for convs); ``config`` defaults to one naming exactly these modules.
+    """
+    bad = [k for k in weights.metadata if k.startswith("convlora_")]
+    if bad:
+        raise LoRAFormatError(f"metadata keys starting with 'convlora_' are reserved: {bad}")
+    tensors: dict[str, torch.Tensor] = {}
+    table: dict[str, dict] = {}
+    for path, module in weights.modules.items():
+        tensors[f"{path}.lora_A"] = module.lora_A
+        tensors[f"{path}.lora_B"] = module.lora_B
+        table[path] = {"type": _kind(module), "r": module.r, "alpha": module.alpha, "base_shape": _base_shape(module)}
+    if config is None:
+        rank = weights.most_common()[0]
+        config = LoRAConfig(r=rank, target_modules=sorted(weights.modules), use_rslora=weights.use_rslora)
+    header = {
+        "convlora_format": FORMAT_VERSION,
+        "convlora_modules": json.dumps(table, sort_keys=True),
+        "convlora_fingerprint": fingerprint({p: tuple(e["base_shape"]) for p, e in table.items()}),
+        "convlora_config": config.to_json(),
+        **weights.metadata,
+    }
+    return tensors, header
+
+
+def _kind(module: LoRAModule) -> str:
+    return f"Conv{module.lora_A.dim() - 2}d" if module.is_conv else "Linear"
+
+
+def _base_shape(module: LoRAModule) -> list[int]:
+    # Linear: (out, in); ConvNd: (C_out, C_in/groups, *k) — B gives out, A gives the rest.
+    return [int(module.lora_B.shape[0]), *(int(s) for s in module.lora_A.shape[1:])]

@@ -1,0 +1,263 @@
+"""PEFT adapter folders (``adapter_model.safetensors`` + ``adapter_config.json``) for any model.
+
+Keys are ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``; rank and alpha live in the
+JSON config as ``r`` / ``lora_alpha`` plus per-module ``rank_pattern`` / ``alpha_pattern``. PEFT's
+LoRA tensors have convlora's layout for Linear, ConvNd with ``groups == 1`` and GPT-2 ``Conv1D``
+(``fan_in_fan_out``), so nothing is reshaped.
+
+The same ``r`` / ``lora_alpha`` / pattern dict is what diffusers keeps, per component, in the
+``lora_adapter_metadata`` header of its files; :func:`lora_config_kwargs` and :func:`alpha_for`
+serve both formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from convlora.formats.weights import (
+    LoRAFormatError,
+    LoRAModule,
+    LoRAWeights,
+    check_portable_geometry,
+    load_weights_into_model,
+    uses_rslora,
+    weights_from_model,
+)
+from convlora.inject import lora_layers
+from convlora.io import read_safetensors, write_safetensors
+from convlora.layers import GPT2Conv1D
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+
+# ---- the config both PEFT and diffusers use -------------------------------------------------------
+def lora_config_kwargs(modules: Mapping[str, LoRAModule], use_rslora: bool) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` arguments that give each module exactly its rank and alpha.
+
+    ``r`` / ``lora_alpha`` are the most common values; every other module is named in
+    ``rank_pattern`` / ``alpha_pattern`` by its full path (PEFT matches pattern keys as dotted-path
+    suffixes, so a full path names one module). ``target_modules`` lists the full paths too.
+    """
+    rank = Counter(m.r for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": _number(alpha),
+        "target_modules": sorted(modules),
+        "rank_pattern": {p: m.r for p, m in sorted(modules.items()) if m.r != rank},
+        "alpha_pattern": {p: _number(m.alpha) for p, m in sorted(modules.items()) if m.alpha != alpha},
+        "use_rslora": use_rslora,
+    }
+
+
+def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None) -> float:
+    """The alpha PEFT gives module ``path`` under ``config`` (``alpha = rank`` without a config).
+
+    Pattern keys are matched as PEFT does: the first key ``k`` with
+    ``re.match(rf"(.*\\.)?({k})$", path)`` wins.
+    """
+    if not config:
+        return float(rank)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return float(value)
+    return float(config.get("lora_alpha", rank))
+
+
+def rank_for(path: str, config: Mapping[str, Any]) -> int | None:
+    """The rank PEFT would build for ``path`` (``None`` when the config names no ``r``)."""
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return int(value)
+    return config.get("r")
+
+
+# ---- tensors <-> neutral weights -----------------------------------------------------------------
+def split_lora_keys(
+    tensors: Mapping[str, Any], suffixes: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Group ``<path><suffix>`` keys by path: ``{path: {"A": tensor, "B": tensor, ...}}``.
+
+    Args:
+        suffixes: key ending -> role (``{".lora_A.weight": "A", ".lora_B.weight": "B"}``).
+
+    Returns:
+        ``(groups, leftover keys that end in none of the suffixes)``.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    leftovers = []
+    ordered = sorted(suffixes, key=len, reverse=True)  # longest first: ".lora.down.weight" before ".down.weight"
+    for key, tensor in tensors.items():
+        suffix = next((s for s in ordered if key.endswith(s)), None)
+        if suffix is None:
+            leftovers.append(key)
+        else:
+            groups.setdefault(key[: -len(suffix)], {})[suffixes[suffix]] = tensor
+    return groups, leftovers
+
+
+def pair_modules(groups: Mapping[str, Mapping[str, Any]], alpha_of, source: str) -> dict[str, LoRAModule]:
+    """Turn ``{path: {"A", "B"[, "alpha"]}}`` into LoRAModules; a lone A or B raises naming it.
+
+    Args:
+        alpha_of: ``(path, rank, group) -> alpha``.
+    """
+    incomplete = sorted(p for p, g in groups.items() if "A" not in g or "B" not in g)
+    if incomplete:
+        raise LoRAFormatError(f"{source}: module(s) without both LoRA matrices (A/down and B/up): {', '.join(incomplete[:12])}")
+    modules = {}
+    for path, group in groups.items():
+        rank = int(group["A"].shape[0])
+        if group["B"].dim() < 2 or group["B"].shape[1] != rank:
+            raise LoRAFormatError(
+                f"{source}: {path} has down/A {tuple(group['A'].shape)} and up/B {tuple(group['B'].shape)}: ranks differ"
+            )
+        modules[path] = LoRAModule(group["A"], group["B"], float(alpha_of(path, rank, group)))
+    return modules
+
+
+def raise_on_leftovers(leftovers: list[str], source: str, hint: str = "") -> None:
+    if leftovers:
+        shown = ", ".join(sorted(leftovers)[:12]) + (f", ... ({len(leftovers) - 12} more)" if len(leftovers) > 12 else "")
+        raise LoRAFormatError(f"{source}: {len(leftovers)} key(s) are not LoRA weights convlora understands: {shown}{hint}")
+
+
+# ---- folders -------------------------------------------------------------------------------------
+def read_peft_folder(folder: str | os.PathLike) -> LoRAWeights:
+    """Read a PEFT LoRA adapter folder into neutral weights (paths relative to the base model).
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` / ``adapter_model.safetensors`` there.
+        LoRAFormatError: not a LoRA adapter, or keys convlora cannot carry (DoRA magnitudes, LoRA
+            biases, embedding LoRA, ``modules_to_save``, ...), all named.
+    """
+    folder = Path(folder)
+    config = read_peft_config(folder)
+    weights_file = folder / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS} (convlora reads only safetensors adapters)")
+    tensors, header = read_safetensors(weights_file)
+    return from_peft(tensors, header, config, source=str(weights_file))
+
+
+def from_peft(
+    tensors: Mapping[str, Any], header: Mapping[str, str], config: Mapping[str, Any] | None, source: str = "file"
+) -> LoRAWeights:
+    """Neutral weights from PEFT adapter tensors; alpha from ``config`` (``alpha = rank`` without one)."""
+    unprefixed = [k for k in tensors if not k.startswith(KEY_PREFIX)]
+    stripped = {k[len(KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(KEY_PREFIX)}
+    groups, leftovers = split_lora_keys(stripped, {".lora_A.weight": "A", ".lora_B.weight": "B"})
+    raise_on_leftovers(
+        unprefixed + [KEY_PREFIX + k for k in leftovers],
+        source,
+        " (convlora imports plain LoRA: no DoRA, LoRA bias, embedding LoRA or modules_to_save)",
+    )
+    modules = pair_modules(groups, lambda path, rank, _: alpha_for(path, rank, config), source)
+    if not modules:
+        raise LoRAFormatError(f"{source} holds no LoRA weights")
+    metadata = {k: v for k, v in header.items() if k != "format"}
+    return LoRAWeights(modules, use_rslora=bool((config or {}).get("use_rslora", False)), metadata=metadata)
+
+
+def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a PEFT folder; it must describe a LoRA adapter."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+    config = json.loads(path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAFormatError(f"{path}: peft_type is {config.get('peft_type')!r}; convlora reads LoRA adapters only")
+    unsupported = [k for k in ("use_dora", "lora_bias") if config.get(k)]
+    if unsupported:
+        raise LoRAFormatError(f"{path}: {', '.join(unsupported)} is set; convlora reads plain LoRA adapters only")
+    return config
+
+
+def write_peft_folder(
+    weights: LoRAWeights,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write neutral (unprefixed, single-model) weights as a PEFT LoRA adapter folder."""
+    folder = Path(folder)
+    tensors = {}
+    for path, module in weights.modules.items():
+        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = module.lora_A
+        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = module.lora_B
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        **lora_config_kwargs(weights.modules, weights.use_rslora),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **weights.metadata})
+    _write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save the LoRA of ``model`` as a folder ``peft.PeftModel.from_pretrained(base, folder)`` loads.
+
+    Raises:
+        LoRAFormatError: conv LoRA with groups > 1, dilation or a non-zero padding mode (PEFT computes
+            those differently); a model mixing GPT-2 ``Conv1D`` and other LoRA layers (PEFT's
+            ``fan_in_fan_out`` is one flag); biases / ``modules_to_save`` in the adapter.
+    """
+    check_portable_geometry(model, "PEFT")
+    layers = lora_layers(model)
+    gpt2 = {isinstance(layer, GPT2Conv1D) for layer in layers.values()}
+    if gpt2 == {True, False}:
+        raise LoRAFormatError("PEFT's fan_in_fan_out is one flag per adapter: this model mixes GPT-2 Conv1D and other LoRA layers")
+    weights = LoRAWeights(weights_from_model(model), use_rslora=uses_rslora(model), metadata=dict(metadata or {}))
+    return write_peft_folder(weights, folder, base_model_name_or_path, fan_in_fan_out=gpt2 == {True})
+
+
+def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load a PEFT LoRA adapter folder into ``model`` (injecting LoRA first if it has none).
+
+    Returns:
+        The module paths loaded. Raises as :func:`read_peft_folder` and
+        :func:`convlora.formats.weights.load_weights_into_model`.
+    """
+    weights = read_peft_folder(folder)
+    return load_weights_into_model(model, weights.modules, weights.use_rslora, strict=strict, source=str(folder))
+
+
+def _number(value: float) -> int | float:
+    """16.0 -> 16 (JSON configs read better, and PEFT accepts either)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

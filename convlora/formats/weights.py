@@ -1,0 +1,319 @@
+"""The format-free view of a LoRA adapter that every importer produces and every exporter consumes.
+
+An adapter is a mapping ``path -> LoRAModule(lora_A, lora_B, alpha)`` with tensors in convlora's
+own layout (DESIGN.md): Linear ``A (r, in)``, ``B (out, r)``; ConvNd ``A (r, C_in/g, *k)``,
+``B (C_out, r, *1s)``. For a whole pipeline the paths start with the component name
+(``unet.``, ``text_encoder.``); for a single model they are the model's own module paths.
+
+Getting weights *out of* a model (:func:`weights_from_model`) and *into* a model
+(:func:`load_weights_into_model`) live here, so each file format only translates keys.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from convlora.config import LoRAConfig
+from convlora.inject import (
+    LayerSpec,
+    apply_plan,
+    get_config,
+    load_lora_state_dict,
+    lora_layers,
+    temporarily_unmerged,
+    unload,
+)
+from convlora.io import LoRAFileError
+from convlora.layers import LORA_CLASSES
+from convlora.state import StateDictMismatchError, scaling_for
+
+#: Component names a pipeline file may hold, in the order they are written.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+#: Top-level children of a transformers-5 ``CLIPTextModel`` (older versions nest them under ``text_model``).
+_CLIP_TEXT_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+class LoRAFormatError(LoRAFileError):
+    """A LoRA file or adapter cannot be read, written or loaded in the requested format."""
+
+
+@dataclass
+class LoRAModule:
+    """One adapted module: ``W + (alpha / r) * B @ A`` (``alpha / sqrt(r)`` with rsLoRA)."""
+
+    lora_A: torch.Tensor
+    """``(r, in)`` for Linear, ``(r, C_in/groups, *k)`` for ConvNd."""
+    lora_B: torch.Tensor
+    """``(out, r)`` for Linear, ``(C_out, r, *1s)`` for ConvNd."""
+    alpha: float
+
+    @property
+    def r(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.lora_A.dim() > 2
+
+    @property
+    def is_spatial_conv(self) -> bool:
+        """A conv whose kernel is larger than 1 (kohya's ``conv_dim`` layers)."""
+        return self.is_conv and any(k > 1 for k in self.lora_A.shape[2:])
+
+
+@dataclass
+class LoRAWeights:
+    """A whole adapter, independent of any file format."""
+
+    modules: dict[str, LoRAModule]
+    """Module path (with a ``unet.`` / ``text_encoder.`` prefix for pipelines) -> its LoRA."""
+    use_rslora: bool = False
+    """Scaling ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """User metadata (training settings, base model, ...) carried from file to file."""
+
+    def component(self, name: str) -> dict[str, LoRAModule]:
+        """The modules of one pipeline component, with the ``name.`` prefix removed."""
+        prefix = name + "."
+        return {p[len(prefix):]: m for p, m in self.modules.items() if p.startswith(prefix)}
+
+    def components(self) -> list[str]:
+        """The pipeline components present (``[]`` when the paths carry no known component prefix)."""
+        return [c for c in COMPONENTS if any(p.startswith(c + ".") for p in self.modules)]
+
+    def unprefixed(self) -> list[str]:
+        """Paths that belong to no known component."""
+        return [p for p in self.modules if not any(p.startswith(c + ".") for c in COMPONENTS)]
+
+    def most_common(self) -> tuple[int, float, int | None, float | None]:
+        """``(rank, alpha, conv_rank, conv_alpha)`` occurring most often, for linear/1x1 and 3x3 modules.
+
+        The conv values are ``None`` when no 3x3 conv is adapted.
+        """
+        linear = [m for m in self.modules.values() if not m.is_spatial_conv]
+        spatial = [m for m in self.modules.values() if m.is_spatial_conv]
+        rank, alpha = _most_common(linear or spatial)
+        conv_rank, conv_alpha = _most_common(spatial) if spatial else (None, None)
+        return rank, alpha, conv_rank, conv_alpha
+
+
+def _most_common(modules: list[LoRAModule]) -> tuple[int, float]:
+    rank = Counter(m.r for m in modules).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+    return rank, alpha
+
+
+def nested_clip_path(path: str) -> str:
+    """A transformers-5 (flattened) ``CLIPTextModel`` path in the nested spelling files use.
+
+    ``encoder.layers.0.self_attn.q_proj`` -> ``text_model.encoder.layers.0.self_attn.q_proj``;
+    paths already nested, or not CLIP text-model paths, are returned unchanged.
+    """
+    return "text_model." + path if path.startswith(_CLIP_TEXT_CHILDREN) else path
+
+
+# ---- out of a model ------------------------------------------------------------------------------
+def weights_from_model(model: nn.Module, prefix: str = "") -> dict[str, LoRAModule]:
+    """The LoRA modules of ``model`` as ``prefix + path -> LoRAModule`` (tensors detached, on the CPU).
+
+    Raises:
+        ValueError: the model has no LoRA layers, or its config saves biases / ``modules_to_save``,
+            which only convlora's native format carries.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: call convlora.inject_lora first")
+    config = get_config(model)
+    if config is not None and (config.bias != "none" or config.modules_to_save):
+        raise LoRAFormatError(
+            "this adapter also trains biases / modules_to_save; only convlora's native format holds those "
+            "(save it with format='native' / convlora.save_lora)"
+        )
+    return {
+        prefix + path: LoRAModule(layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha))
+        for path, layer in layers.items()
+    }
+
+
+def uses_rslora(*models: nn.Module | None) -> bool:
+    """Whether the LoRA layers of ``models`` use rsLoRA scaling; mixing both kinds raises."""
+    kinds = {layer.use_rslora for m in models if m is not None for layer in lora_layers(m).values()}
+    if len(kinds) > 1:
+        raise LoRAFormatError("some LoRA layers use rsLoRA scaling and some do not; one file holds one kind")
+    return kinds == {True}
+
+
+def check_portable_geometry(model: nn.Module, fmt: str) -> None:
+    """Refuse conv LoRA that PEFT / diffusers / kohya loaders would compute differently.
+
+    Their conv LoRA runs ``lora_down`` with the base conv's kernel, stride and padding only (no
+    dilation, zero padding) and, for ``groups > 1``, a dense A, which is not convlora's shared-A
+    grouped LoRA. Exporting such layers would give a file those loaders accept and get wrong.
+
+    Raises:
+        LoRAFormatError: naming every such layer and what is wrong with it.
+    """
+    problems = []
+    for path, layer in lora_layers(model).items():
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if layer.groups > 1:
+            problems.append(f"{path}: groups={layer.groups}")
+        if any(d != 1 for d in layer.dilation):
+            problems.append(f"{path}: dilation={tuple(layer.dilation)}")
+        if layer.padding_mode != "zeros":
+            problems.append(f"{path}: padding_mode={layer.padding_mode!r}")
+    if problems:
+        raise LoRAFormatError(
+            f"cannot export to {fmt}: its loaders (PEFT, diffusers, kohya/A1111/ComfyUI) compute conv LoRA without "
+            "groups, dilation or non-zero padding modes, so they would get these layers wrong: "
+            + "; ".join(problems)
+            + ". Save them with format='native' (convlora.save_lora) instead."
+        )
+
+
+# ---- into a model --------------------------------------------------------------------------------
+def resolve_paths(paths: list[str], model: nn.Module) -> tuple[dict[str, str], list[str]]:
+    """Map file module paths onto ``model``'s module paths.
+
+    A path matches exactly; or with ``text_model.`` added / removed (CLIP text encoders are
+    flattened in transformers 5, while files and A1111/ComfyUI use the nested names); or, for
+    names that lost their dots (kohya), when it equals a module path with every ``.`` read as ``_``
+    and exactly one module has that spelling.
+
+    Returns:
+        ``(file path -> model path, file paths that match no module)``.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    name_set = set(names)
+    by_underscores: dict[str, list[str]] = {}
+    for n in names:
+        by_underscores.setdefault(n.replace(".", "_"), []).append(n)
+    nested = hasattr(model, "text_model")
+    resolved, unknown = {}, []
+    for path in paths:
+        candidates = [path]
+        if path.startswith("text_model.") and not nested:
+            candidates.append(path[len("text_model."):])
+        elif nested and path.startswith(_CLIP_TEXT_CHILDREN):
+            candidates.append("text_model." + path)
+        hit = next((c for c in candidates if c in name_set), None)
+        if hit is None:
+            hits = {h for c in candidates for h in by_underscores.get(c.replace(".", "_"), [])}
+            hit = hits.pop() if len(hits) == 1 else None
+        if hit is None:
+            unknown.append(path)
+        else:
+            resolved[path] = hit
+    return resolved, unknown
+
+
+def load_weights_into_model(
+    model: nn.Module,
+    modules: Mapping[str, LoRAModule],
+    use_rslora: bool = False,
+    strict: bool = True,
+    source: str = "file",
+) -> list[str]:
+    """Put ``modules`` into ``model``: inject LoRA first if the model has none, then copy A, B and alpha.
+
+    With ``strict`` every module of the file must land on a module of the model and, if the model
+    already carries LoRA, on exactly its LoRA modules. Everything is checked before anything is
+    written; if this call injected the layers and a later check fails, they are removed again.
+
+    Returns:
+        The model module paths that were loaded.
+
+    Raises:
+        LoRAFormatError: modules of the file that the model does not have (named), or modules the
+            model has but LoRA cannot wrap.
+        StateDictMismatchError: a rank / shape mismatch (named, with both shapes), or, when strict,
+            LoRA modules of the model the file does not cover.
+    """
+    if not modules:
+        raise LoRAFormatError(f"{source} has no LoRA modules for {type(model).__name__}")
+    resolved, unknown = resolve_paths(list(modules), model)
+    if unknown and strict:
+        raise LoRAFormatError(
+            f"{source}: {len(unknown)} LoRA module(s) match no module of {type(model).__name__}: "
+            + _short(unknown)
+        )
+    by_model_path = {resolved[p]: m for p, m in modules.items() if p in resolved}
+    layers = lora_layers(model)
+    injected_here = not layers
+    eval_paths: list[str] = []
+    if injected_here:
+        eval_paths = _inject_for(model, by_model_path, use_rslora, source)
+        layers = lora_layers(model)
+    else:
+        kinds = {layer.use_rslora for layer in layers.values()}
+        if kinds != {use_rslora}:
+            raise LoRAFormatError(f"{source} uses rsLoRA={use_rslora}, the model's LoRA layers do not")
+    state = {}
+    for path, module in by_model_path.items():
+        state[f"{path}.lora_A"] = module.lora_A
+        state[f"{path}.lora_B"] = module.lora_B
+    try:
+        loaded = [p for p in by_model_path if p in layers]
+        with temporarily_unmerged([layers[p] for p in loaded]):
+            load_lora_state_dict(model, state, strict=strict, bias="none", source=source)
+            for p in loaded:
+                layers[p].lora_alpha = float(by_model_path[p].alpha)
+                layers[p].scaling = scaling_for(layers[p].r, layers[p].lora_alpha, layers[p].use_rslora)
+    except Exception:
+        if injected_here:
+            unload(model)
+        raise
+    for p in eval_paths:
+        layers[p].train(False)  # merge-on-eval, once, with the loaded weights
+    return loaded
+
+
+def _inject_for(model: nn.Module, modules: Mapping[str, LoRAModule], use_rslora: bool, source: str) -> list[str]:
+    """Inject LoRA on exactly ``modules`` (unmerged); returns the paths whose base was in eval mode."""
+    named = dict(model.named_modules())
+    bad = [f"{p} ({type(named[p]).__name__})" for p in modules if type(named[p]) not in LORA_CLASSES]
+    if bad:
+        raise LoRAFormatError(f"{source}: LoRA for module(s) LoRA cannot wrap: {_short(bad)}")
+    mismatched = [
+        f"{p}: file has rank {m.r} with lora_A {tuple(m.lora_A.shape)}, base weight is {tuple(named[p].weight.shape)}"
+        for p, m in modules.items()
+        if not _fits(named[p], m)
+    ]
+    if mismatched:
+        raise StateDictMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(mismatched[:12]))
+    plan = {p: LayerSpec(m.r, m.alpha) for p, m in modules.items()}
+    rank = Counter(m.r for m in modules.values()).most_common(1)[0][0]
+    config = LoRAConfig(r=rank, target_modules=list(plan), use_rslora=use_rslora)
+    in_eval = [p for p in plan if not named[p].training]
+    for p in in_eval:
+        named[p].training = True  # inject unmerged: merging a zero update now would be wasted work
+    try:
+        apply_plan(model, plan, config)
+    finally:
+        for p in in_eval:
+            named[p].training = False
+    return in_eval
+
+
+def _fits(base: nn.Module, module: LoRAModule) -> bool:
+    """Whether ``module``'s A/B have the shapes a LoRA layer on ``base`` would have."""
+    weight = base.weight
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        a_shape = (module.r, *weight.shape[1:])
+        b_shape = (weight.shape[0], module.r, *(1,) * (weight.dim() - 2))
+    else:
+        n_out, n_in = weight.shape if isinstance(base, nn.Linear) else weight.shape[::-1]
+        a_shape, b_shape = (module.r, n_in), (n_out, module.r)
+    return tuple(module.lora_A.shape) == a_shape and tuple(module.lora_B.shape) == b_shape
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
