@@ -1,0 +1,190 @@
+"""convlora.training.checkpoints: atomic saves, numeric rotation, resume resolution, pickle-free state."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from convlora.training.checkpoints import (
+    MARKER,
+    CheckpointError,
+    incomplete_checkpoints,
+    list_checkpoints,
+    read_marker,
+    read_state,
+    resolve_resume_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+    write_json,
+    write_state,
+)
+
+
+def _writer(value: int):
+    def write(folder):
+        (folder / "data.json").write_text(json.dumps({"value": value}))
+
+    return write
+
+
+def test_save_is_complete_and_numbered(tmp_path):
+    path = save_checkpoint(tmp_path, 7, _writer(7), info={"note": "x"})
+    assert path == tmp_path / "checkpoint-7"
+    assert json.loads((path / "data.json").read_text()) == {"value": 7}
+    marker = read_marker(path)
+    assert marker["step"] == 7 and marker["files"] == ["data.json"] and marker["note"] == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7"]  # no temporary leftovers
+
+
+def test_a_failing_write_leaves_nothing_and_keeps_the_previous(tmp_path):
+    save_checkpoint(tmp_path, 1, _writer(1))
+
+    def broken(folder):
+        (folder / "half.bin").write_bytes(b"12")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-1"
+
+
+def test_rotation_is_numeric_and_happens_after_the_new_one_is_complete(tmp_path):
+    for step in (8, 9):
+        save_checkpoint(tmp_path, step, _writer(step), total_limit=2)
+
+    def write_10(folder):
+        # While checkpoint-10 is being written, both older ones are still there.
+        assert [s for s, _ in list_checkpoints(tmp_path)] == [8, 9]
+        _writer(10)(folder)
+
+    save_checkpoint(tmp_path, 10, write_10, total_limit=2)
+    # Lexical order would call checkpoint-10 the oldest; by step number it is the newest.
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 10]
+    save_checkpoint(tmp_path, 100, _writer(100), total_limit=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [100]
+
+
+def test_latest_ignores_partial_saves(tmp_path):
+    save_checkpoint(tmp_path, 4, _writer(4))
+    (tmp_path / ".checkpoint-6.tmp-abc123").mkdir()  # an interrupted save
+    (tmp_path / ".checkpoint-6.tmp-abc123" / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    (tmp_path / "checkpoint-5").mkdir()  # copied by hand, never finished: no marker
+    with pytest.warns(UserWarning, match=r"ignoring incomplete checkpoint.*\.checkpoint-6\.tmp-abc123.*checkpoint-5"):
+        assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-4"
+    assert [p.name for p in incomplete_checkpoints(tmp_path)] == [".checkpoint-6.tmp-abc123", "checkpoint-5"]
+    with pytest.raises(CheckpointError, match=r"checkpoint-5 is incomplete \(no checkpoint.json\)"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-5"), tmp_path)
+    # The leftover of the interrupted save goes away once a newer checkpoint is complete.
+    save_checkpoint(tmp_path, 8, _writer(8), total_limit=5)
+    assert not (tmp_path / ".checkpoint-6.tmp-abc123").exists()
+
+
+def test_resume_paths(tmp_path):
+    assert resolve_resume_checkpoint("latest", tmp_path / "nothing-yet") is None
+    save_checkpoint(tmp_path, 3, _writer(3))
+    assert resolve_resume_checkpoint("checkpoint-3", tmp_path) == tmp_path / "checkpoint-3"  # bare name, as diffusers
+    assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-3"), "/elsewhere") == tmp_path / "checkpoint-3"
+    with pytest.raises(CheckpointError, match=r"'checkpoint-4': no such checkpoint folder \(looked in"):
+        resolve_resume_checkpoint("checkpoint-4", tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        resolve_resume_checkpoint(str(tmp_path / "missing" / "checkpoint-1"), tmp_path)
+
+
+def test_same_step_saved_again_replaces_it(tmp_path):
+    save_checkpoint(tmp_path, 2, _writer(1))
+    save_checkpoint(tmp_path, 2, _writer(2))
+    assert json.loads((tmp_path / "checkpoint-2" / "data.json").read_text()) == {"value": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+
+
+def test_checkpoint_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, 1, _writer(1))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / MARKER).stat().st_mode) == 0o644
+
+
+# ---- pickle-free state --------------------------------------------------------------------------
+
+
+def _train(params, optimizer, scheduler, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+        scheduler.step()
+
+
+def _make(seed=0):
+    from diffusers.optimization import get_scheduler
+
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 3e-3}], weight_decay=0.01)
+    scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2, num_training_steps=10)
+    return params, optimizer, scheduler
+
+
+def test_optimizer_and_scheduler_state_round_trip_exactly(tmp_path):
+    params, optimizer, scheduler = _make()
+    _train(params, optimizer, scheduler, 4, seed=1)
+    write_state(tmp_path, "optimizer", optimizer.state_dict())
+    write_state(tmp_path, "lr_scheduler", scheduler.state_dict())
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.bin"))
+
+    params2, optimizer2, scheduler2 = _make(seed=5)  # a fresh run, other starting values
+    with torch.no_grad():
+        for p, q in zip(params2, params):
+            p.copy_(q)
+    optimizer2.load_state_dict(read_state(tmp_path, "optimizer"))
+    scheduler2.load_state_dict(read_state(tmp_path, "lr_scheduler"))
+    _train(params, optimizer, scheduler, 4, seed=2)
+    _train(params2, optimizer2, scheduler2, 4, seed=2)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    assert scheduler.get_last_lr() == scheduler2.get_last_lr()
+    assert optimizer.param_groups[0]["betas"] == optimizer2.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_grad_scaler_state_round_trip(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    write_state(tmp_path, "grad_scaler", scaler.state_dict())
+    other = torch.amp.GradScaler("cpu")
+    other.load_state_dict(read_state(tmp_path, "grad_scaler"))
+    assert other.state_dict() == scaler.state_dict()
+
+
+def test_state_structure_types_survive(tmp_path):
+    state = {"a": (1, 2.5, "x", None, True), 3: [torch.arange(3)], "nested": {"t": torch.tensor(2.0)}}
+    write_state(tmp_path, "s", state)
+    back = read_state(tmp_path, "s")
+    assert back["a"] == (1, 2.5, "x", None, True) and torch.equal(back[3][0], torch.arange(3))
+    assert torch.equal(back["nested"]["t"], torch.tensor(2.0))
+
+
+def test_non_finite_state_is_never_written(tmp_path):
+    with pytest.raises(ValueError, match="non-finite"):
+        write_state(tmp_path, "bad", {"m": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ValueError, match=r"state bad.lr is non-finite"):
+        write_state(tmp_path, "bad", {"lr": float("inf")})
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"loss": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unpicklable_kinds_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"cannot store set at s.x without pickling"):
+        write_state(tmp_path, "s", {"x": {1, 2}})
+
+
+def test_rotate_without_checkpoints_is_a_no_op(tmp_path):
+    assert rotate_checkpoints(tmp_path, 2) == []
