@@ -1,9 +1,19 @@
-"""The `convlora` command."""
+"""The ``convlora`` command: inspect, convert, doctor, merge.
+
+    convlora inspect PIPELINE_DIR [--preset full]     what each preset adapts, with parameter counts
+    convlora inspect LORA_FILE                        format, training metadata, ranks / alphas
+    convlora convert IN OUT --to diffusers|kohya|native|peft [--component unet]
+    convlora doctor LORA_FILE [--base PIPELINE_DIR]   which loaders accept the file, and why not
+    convlora merge PIPELINE_DIR LORA_FILE OUT_DIR     a pipeline folder with the LoRA merged in
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections import Counter
+from pathlib import Path
 
 from convlora import __version__
 
@@ -11,7 +21,55 @@ from convlora import __version__
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convlora", description="Convolutional and diffusion LoRA toolkit.")
     parser.add_argument("--version", action="version", version=f"convlora {__version__}")
-    parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what each preset adapts in a pipeline, or what a LoRA file holds",
+        description="For a diffusers pipeline folder: the modules each UNet / text-encoder preset targets, "
+        "with LoRA vs base parameter counts (built from the configs; no weights are read). "
+        "For a LoRA file or PEFT folder: its format, training metadata, modules, ranks and alphas.",
+    )
+    inspect.add_argument("target", help="pipeline folder, LoRA .safetensors file, or PEFT adapter folder")
+    inspect.add_argument("--preset", choices=("attn", "attn-ff", "full"), help="show one UNet preset, module by module")
+    inspect.add_argument("--text-encoder-preset", choices=("attn", "attn-mlp"), help="show one text-encoder preset, module by module")
+    inspect.add_argument("--rank", type=int, default=8, help="rank for the parameter counts (default 8)")
+    inspect.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convs (default: --rank)")
+    inspect.add_argument("--include-conv-in-out", action="store_true", help="also count conv_in / conv_out")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a LoRA file between formats",
+        description="Read IN in any format (detected) and write OUT as --to. Every key of IN is converted or the "
+        "command fails naming the leftovers.",
+    )
+    convert.add_argument("src", metavar="IN", help="LoRA file or PEFT adapter folder")
+    convert.add_argument("dst", metavar="OUT", help="file to write (a folder for --to peft; for --to diffusers a folder gets pytorch_lora_weights.safetensors)")
+    convert.add_argument("--to", required=True, choices=("diffusers", "kohya", "native", "peft"), help="output format")
+    convert.add_argument(
+        "--component", choices=("unet", "text_encoder"),
+        help="single-model input -> diffusers/kohya: which pipeline component it adapts; pipeline input -> peft: which component to keep",
+    )  # fmt: skip
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="which loaders (diffusers, A1111/ComfyUI, PEFT) accept a LoRA file, and why not",
+        description="Checks key styles, unknown suffixes, alpha handling and metadata against what each loader "
+        "does; with --base, also that every module exists in that pipeline with fitting shapes. Exit status 1 "
+        "when some loader would refuse the file or compute something else.",
+    )
+    doctor.add_argument("file", help="LoRA file or PEFT adapter folder")
+    doctor.add_argument("--base", help="diffusers pipeline folder the LoRA is meant for")
+
+    merge = commands.add_parser(
+        "merge",
+        help="write a pipeline folder with a LoRA merged into its weights",
+        description="Loads the pipeline, loads the LoRA (any format) into its UNet / text encoder, merges "
+        "W + (alpha/r) B A into the weights and saves the result in the diffusers folder layout.",
+    )
+    merge.add_argument("pipeline", help="diffusers pipeline folder")
+    merge.add_argument("lora", help="LoRA file or PEFT adapter folder")
+    merge.add_argument("out", help="output pipeline folder")
     return parser
 
 
@@ -21,6 +79,155 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    handler = {"inspect": _inspect, "convert": _convert, "doctor": _doctor, "merge": _merge}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"convlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+def _inspect(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if target.is_dir() and ((target / "model_index.json").is_file() or (target / "unet" / "config.json").is_file()):
+        return _inspect_pipeline(target, args)
+    return _inspect_lora(target)
+
+
+def _inspect_pipeline(folder: Path, args: argparse.Namespace) -> int:
+    from convlora.diffusion import TEXT_ENCODER_PRESETS, UNET_PRESETS, text_encoder_lora_config, unet_lora_config
+    from convlora.diffusion.pipeline import build_pipeline_skeleton
+    from convlora.diffusion.presets import UNET_CONV_IN_OUT
+
+    models = build_pipeline_skeleton(folder)
+    conv_rank = args.conv_rank
+    print(f"pipeline: {folder}")
+    if "unet" in models:
+        unet = models["unet"]
+        presets = [args.preset] if args.preset else list(UNET_PRESETS)
+        print(f"unet: {type(unet).__name__}, {_count(unet):,} parameters; rank {args.rank}, 3x3 conv rank {conv_rank or args.rank}")
+        for preset in presets:
+            has_convs = preset == "full" or args.include_conv_in_out
+            config = unet_lora_config(
+                preset, rank=args.rank, conv_rank=conv_rank if has_convs else None, include_conv_in_out=args.include_conv_in_out
+            )
+            kinds = UNET_PRESETS[preset] + (UNET_CONV_IN_OUT if args.include_conv_in_out else ())
+            _print_preset(f"unet preset {preset!r}", unet, config, kinds, per_module=bool(args.preset))
+    if "text_encoder" in models:
+        te = models["text_encoder"]
+        presets = [args.text_encoder_preset] if args.text_encoder_preset else list(TEXT_ENCODER_PRESETS)
+        print(f"text_encoder: {type(te).__name__}, {_count(te):,} parameters; rank {args.rank}")
+        for preset in presets:
+            config = text_encoder_lora_config(preset, rank=args.rank)
+            _print_preset(f"text-encoder preset {preset!r}", te, config, TEXT_ENCODER_PRESETS[preset], per_module=bool(args.text_encoder_preset))
+    return 0
+
+
+def _print_preset(title: str, model, config, kinds, per_module: bool) -> None:
+    import convlora
+    from convlora.diffusion import lora_parameter_count
+    from convlora.diffusion.presets import suffix_regex
+
+    plan = convlora.plan_injection(model, config)
+    modules = dict(model.named_modules())
+    patterns = [(kind, suffix_regex([kind])) for kind in kinds]
+    rows: dict[str, list[int]] = {}
+    total_lora = 0
+    for path, spec in plan.items():
+        kind = next(k for k, rx in patterns if re.fullmatch(rx, path))
+        lora = lora_parameter_count(modules[path], spec.r)
+        base = modules[path].weight.numel()
+        row = rows.setdefault(kind, [0, 0, 0])
+        row[0] += 1
+        row[1] += base
+        row[2] += lora
+        total_lora += lora
+    total = _count(model)
+    print(f"  {title}: {len(plan)} modules, {total_lora:,} LoRA parameters ({100 * total_lora / total:.2f}% of {total:,})")
+    print(f"    {'targets':<26}{'modules':>8}{'base params':>14}{'LoRA params':>14}")
+    for kind in kinds:
+        if kind in rows:
+            n, base, lora = rows[kind]
+            print(f"    {kind:<26}{n:>8}{base:>14,}{lora:>14,}")
+        else:
+            print(f"    {kind:<26}{'-':>8}   (not in this model)")
+    if per_module:
+        print(f"    {'module':<62}{'type':<8}{'base shape':<18}{'r':>3}{'LoRA params':>13}")
+        for path, spec in plan.items():
+            module = modules[path]
+            shape = "x".join(str(s) for s in module.weight.shape)
+            print(f"    {path:<62}{type(module).__name__:<8}{shape:<18}{spec.r:>3}{lora_parameter_count(module, spec.r):>13,}")
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _inspect_lora(path: Path) -> int:
+    from convlora.diffusion.pipeline import TRAINING_METADATA
+    from convlora.formats import read_lora_file
+
+    fmt, weights = read_lora_file(path)
+    print(f"file: {path}")
+    print(f"format: {fmt}")
+    known = {k: v for k, v in weights.metadata.items() if k in TRAINING_METADATA}
+    if known:
+        print("training:")
+        for key in TRAINING_METADATA:
+            if key in known:
+                print(f"  {key:<24} {known[key]}")
+    other = {k: v for k, v in weights.metadata.items() if k not in TRAINING_METADATA}
+    if other:
+        print("other metadata:")
+        for key, value in sorted(other.items()):
+            print(f"  {key:<24} {value if len(value) <= 100 else value[:97] + '...'}")
+    components = weights.components() or [""]
+    for component in components:
+        modules = weights.component(component) if component else weights.modules
+        params = sum(m.lora_A.numel() + m.lora_B.numel() for m in modules.values())
+        ranks = Counter(m.r for m in modules.values())
+        alphas = Counter(m.alpha for m in modules.values())
+        convs = sum(m.is_spatial_conv for m in modules.values())
+        print(f"{component or 'model'}: {len(modules)} modules ({convs} 3x3 convs), {params:,} LoRA parameters")
+        print("  rank:  " + ", ".join(f"{r} x{n}" for r, n in ranks.most_common()))
+        print("  alpha: " + ", ".join(f"{a:g} x{n}" for a, n in alphas.most_common()) + ("  (rsLoRA)" if weights.use_rslora else ""))
+    return 0
+
+
+# ---- convert / doctor / merge --------------------------------------------------------------------
+def _convert(args: argparse.Namespace) -> int:
+    from convlora.formats import convert_lora_file
+
+    src_fmt, written = convert_lora_file(args.src, args.dst, args.to, component=args.component)
+    print(f"{args.src} ({src_fmt}) -> {written} ({args.to})")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from convlora.diffusion.pipeline import build_pipeline_skeleton
+    from convlora.formats.doctor import diagnose
+
+    base = build_pipeline_skeleton(args.base) if args.base else None
+    diagnosis = diagnose(args.file, base=base)
+    print(diagnosis.render())
+    return 0 if diagnosis.healthy else 1
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from diffusers import DiffusionPipeline
+
+    import convlora
+    from convlora.diffusion import load_pipeline_lora
+
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    text_encoder = getattr(pipe, "text_encoder", None)
+    info = load_pipeline_lora(args.lora, unet=pipe.unet, text_encoder=text_encoder)
+    for name in ("unet", "text_encoder"):
+        if info[name]:
+            convlora.merge_and_unload(getattr(pipe, name))
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    print(f"merged {len(info['unet'])} unet and {len(info['text_encoder'])} text-encoder modules ({info['format']}) -> {args.out}")
     return 0
 
 

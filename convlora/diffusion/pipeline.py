@@ -26,9 +26,36 @@ from convlora.formats.weights import (
 )
 from convlora.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, unload
 
-__all__ = ["inject_pipeline_lora", "load_pipeline_lora", "save_pipeline_lora"]
+__all__ = [
+    "TRAINING_METADATA",
+    "build_pipeline_skeleton",
+    "inject_pipeline_lora",
+    "load_pipeline_lora",
+    "save_pipeline_lora",
+]
 
 _RESERVED_METADATA = ("format", "lora_adapter_metadata")
+
+#: Header keys a training run writes (all values strings) and what they mean. ``convlora inspect``
+#: shows them first; kohya files also get the matching ``ss_*`` keys
+#: (:data:`convlora.formats.kohya.SS_MIRRORS`), which A1111's and ComfyUI's metadata views show.
+TRAINING_METADATA: dict[str, str] = {
+    "base_model": "pipeline folder or hub id the LoRA was trained on",
+    "unet_preset": "convlora UNet preset: attn | attn-ff | full",
+    "text_encoder_preset": "convlora text-encoder preset (attn | attn-mlp), absent if not trained",
+    "rank": "rank of linear / 1x1 layers",
+    "alpha": "alpha of linear / 1x1 layers",
+    "conv_rank": "rank of 3x3 convs (full preset)",
+    "conv_alpha": "alpha of 3x3 convs",
+    "steps": "optimizer steps trained",
+    "resolution": "training image side in pixels, e.g. '32'",
+    "dataset_size": "number of training images",
+    "learning_rate": "peak learning rate",
+    "train_batch_size": "batch size per device",
+    "mixed_precision": "no | fp16 | bf16",
+    "seed": "training seed",
+    "trainer": "what wrote the file, e.g. 'convlora 0.1.0 train_text_to_image_lora.py'",
+}
 
 
 def inject_pipeline_lora(
@@ -143,6 +170,43 @@ def load_pipeline_lora(
                     load_lora_state_dict(models[name], snapshot, bias="none")
         raise
     return result
+
+
+def build_pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
+    """The UNet and text encoder of a diffusers pipeline folder, built from their configs on the
+    ``meta`` device: module names and shapes without reading (or allocating) any weight.
+
+    Returns:
+        ``{"unet": model, "text_encoder": model}`` for the components the folder has.
+
+    Raises:
+        FileNotFoundError: the folder has neither ``unet/config.json`` nor ``text_encoder/config.json``.
+    """
+    import json
+
+    import diffusers
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    defaults = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    models: dict[str, nn.Module] = {}
+    with torch.device("meta"):
+        for name, default in defaults.items():
+            if not (folder / name / "config.json").is_file():
+                continue
+            library, class_name = index.get(name) or default
+            if library == "diffusers":
+                cls = getattr(diffusers, class_name)
+                models[name] = cls.from_config(cls.load_config(folder / name))
+            else:
+                cls = getattr(transformers, class_name)
+                models[name] = cls(cls.config_class.from_pretrained(folder / name))
+    if not models:
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no unet/ or text_encoder/ config.json)")
+    return models
 
 
 def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | None], path) -> dict[str, dict]:

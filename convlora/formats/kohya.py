@@ -39,6 +39,18 @@ _SEGMENTS = {
 }  # fmt: skip
 _MAX_SEGMENT_WORDS = max(s.count("_") + 1 for s in _SEGMENTS)
 
+#: Training metadata (see ``convlora.diffusion.TRAINING_METADATA``) mirrored into kohya's ``ss_*`` keys.
+SS_MIRRORS = {
+    "base_model": "ss_sd_model_name",
+    "steps": "ss_steps",
+    "resolution": "ss_resolution",
+    "dataset_size": "ss_num_train_images",
+    "learning_rate": "ss_learning_rate",
+    "train_batch_size": "ss_batch_size_per_device",
+    "mixed_precision": "ss_mixed_precision",
+    "seed": "ss_seed",
+}
+
 
 def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of a kohya LoRA file.
@@ -84,6 +96,9 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
     if conv_rank is not None:
         header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha * scale(conv_rank))})
     header.update(weights.metadata)
+    for key, ss_key in SS_MIRRORS.items():  # what A1111's / ComfyUI's metadata views show
+        if key in weights.metadata and ss_key not in weights.metadata:
+            header[ss_key] = weights.metadata[key]
     return tensors, header
 
 

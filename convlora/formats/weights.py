@@ -284,7 +284,7 @@ def _inject_for(model: nn.Module, modules: Mapping[str, LoRAModule], use_rslora:
     mismatched = [
         f"{p}: file has rank {m.r} with lora_A {tuple(m.lora_A.shape)}, base weight is {tuple(named[p].weight.shape)}"
         for p, m in modules.items()
-        if not _fits(named[p], m)
+        if not fits_module(named[p], m)
     ]
     if mismatched:
         raise StateDictMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(mismatched[:12]))
@@ -302,7 +302,7 @@ def _inject_for(model: nn.Module, modules: Mapping[str, LoRAModule], use_rslora:
     return in_eval
 
 
-def _fits(base: nn.Module, module: LoRAModule) -> bool:
+def fits_module(base: nn.Module, module: LoRAModule) -> bool:
     """Whether ``module``'s A/B have the shapes a LoRA layer on ``base`` would have."""
     weight = base.weight
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -232,3 +232,13 @@ def test_metadata_must_be_strings_and_not_reserved(_tiny_pipeline_template, tmp_
     ours = _adapted_pipeline(_tiny_pipeline_template, "attn")
     with pytest.raises(ValueError, match=r"offending keys: \['steps', 'lora_adapter_metadata'\]"):
         save_pipeline_lora(tmp_path / "x.safetensors", unet=ours.unet, metadata={"steps": 5, "lora_adapter_metadata": "{}"})
+
+
+def test_single_model_native_file_loads_into_the_unet(_tiny_pipeline_template, unet_inputs, tmp_path):
+    ours = _adapted_pipeline(_tiny_pipeline_template, "attn-ff")
+    convlora.save_lora(ours.unet, tmp_path / "unet.safetensors", metadata={"steps": "3"})
+    fresh = copy.deepcopy(_tiny_pipeline_template)
+    info = load_pipeline_lora(tmp_path / "unet.safetensors", unet=fresh.unet, text_encoder=fresh.text_encoder)
+    assert info["format"] == "native" and len(info["unet"]) == 72 and info["text_encoder"] == []
+    with torch.no_grad():
+        assert torch.equal(fresh.unet(*unet_inputs).sample, ours.unet(*unet_inputs).sample)
