@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "command fails naming the leftovers.",
     )
     convert.add_argument("src", metavar="IN", help="LoRA file or PEFT adapter folder")
-    convert.add_argument("dst", metavar="OUT", help="file to write (a folder for --to peft; for --to diffusers a folder gets pytorch_lora_weights.safetensors)")
+    convert.add_argument(
+        "dst", metavar="OUT",
+        help="file to write (a folder for --to peft; for --to diffusers a folder gets pytorch_lora_weights.safetensors)",
+    )  # fmt: skip
     convert.add_argument("--to", required=True, choices=("diffusers", "kohya", "native", "peft"), help="output format")
     convert.add_argument(
         "--component", choices=("unet", "text_encoder"),

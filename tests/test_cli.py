@@ -12,7 +12,7 @@ from convlora.cli import main
 from convlora.diffusion import inject_pipeline_lora, save_pipeline_lora, text_encoder_lora_config, unet_lora_config
 from convlora.io import read_safetensors, write_safetensors
 
-TRAINING = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500", "resolution": "32", "dataset_size": "32"}
+TRAINING = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500", "resolution": "32", "num_train_images": "32"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,7 +76,7 @@ def test_inspect_lora_file_shows_training_metadata(adapted, capsys):
     assert main(["inspect", str(adapted[1])]) == 0
     out = capsys.readouterr().out
     assert "format: diffusers" in out
-    assert "base_model               tiny-sd" in out and "dataset_size             32" in out
+    assert "base_model               tiny-sd" in out and "num_train_images         32" in out
     assert "unet: 117 modules (26 3x3 convs)" in out
     assert "rank:  4 x91, 2 x26" in out and "alpha: 8 x91, 1 x26" in out
 

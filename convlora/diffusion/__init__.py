@@ -6,7 +6,13 @@
 >>> save_pipeline_lora("pytorch_lora_weights.safetensors", unet=pipe.unet)   # doctest: +SKIP
 """
 
-from convlora.diffusion.pipeline import inject_pipeline_lora, load_pipeline_lora, save_pipeline_lora
+from convlora.diffusion.pipeline import (
+    TRAINING_METADATA,
+    build_pipeline_skeleton,
+    inject_pipeline_lora,
+    load_pipeline_lora,
+    save_pipeline_lora,
+)
 from convlora.diffusion.presets import (
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
@@ -17,11 +23,13 @@ from convlora.diffusion.presets import (
 
 __all__ = [
     "TEXT_ENCODER_PRESETS",
+    "TRAINING_METADATA",
     "UNET_PRESETS",
+    "build_pipeline_skeleton",
     "inject_pipeline_lora",
     "load_pipeline_lora",
     "lora_parameter_count",
-    "text_encoder_lora_config",
     "save_pipeline_lora",
+    "text_encoder_lora_config",
     "unet_lora_config",
 ]

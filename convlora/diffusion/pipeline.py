@@ -36,25 +36,28 @@ __all__ = [
 
 _RESERVED_METADATA = ("format", "lora_adapter_metadata")
 
-#: Header keys a training run writes (all values strings) and what they mean. ``convlora inspect``
-#: shows them first; kohya files also get the matching ``ss_*`` keys
-#: (:data:`convlora.formats.kohya.SS_MIRRORS`), which A1111's and ComfyUI's metadata views show.
+#: Plain header keys a training run writes (all values strings) and what they mean; ``convlora
+#: inspect`` shows them first, in this order. ``convlora.training.metadata.training_metadata`` writes
+#: them, plus kohya's ``ss_*`` spellings (``ss_sd_model_name``, ``ss_steps``, ...) that A1111 and
+#: ComfyUI display.
 TRAINING_METADATA: dict[str, str] = {
     "base_model": "pipeline folder or hub id the LoRA was trained on",
     "unet_preset": "convlora UNet preset: attn | attn-ff | full",
-    "text_encoder_preset": "convlora text-encoder preset (attn | attn-mlp), absent if not trained",
-    "rank": "rank of linear / 1x1 layers",
-    "alpha": "alpha of linear / 1x1 layers",
-    "conv_rank": "rank of 3x3 convs (full preset)",
+    "text_encoder_preset": "convlora text-encoder preset (attn | attn-mlp); absent if not trained",
+    "rank": "rank of linear / 1x1-conv layers",
+    "alpha": "alpha of linear / 1x1-conv layers",
+    "conv_rank": "rank of 3x3 convs",
     "conv_alpha": "alpha of 3x3 convs",
     "steps": "optimizer steps trained",
-    "resolution": "training image side in pixels, e.g. '32'",
-    "dataset_size": "number of training images",
+    "epochs": "epochs started",
+    "resolution": "training image side in pixels",
+    "num_train_images": "number of training images",
+    "train_data": "data folder or dataset name",
     "learning_rate": "peak learning rate",
     "train_batch_size": "batch size per device",
-    "mixed_precision": "no | fp16 | bf16",
     "seed": "training seed",
-    "trainer": "what wrote the file, e.g. 'convlora 0.1.0 train_text_to_image_lora.py'",
+    "mixed_precision": "no | fp16 | bf16",
+    "trainer": "what wrote the file",
 }
 
 

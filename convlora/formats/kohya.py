@@ -24,6 +24,9 @@ import torch
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
 
+#: Header keys that describe the tensors (rank, alpha, conv dims); written from the weights.
+NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+
 #: Every key of a file that diffusers' ``load_lora_weights`` treats as kohya starts with one of these.
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
@@ -38,18 +41,6 @@ _SEGMENTS = {
     "position_embedding", "text_projection", "encoder_hid_proj",
 }  # fmt: skip
 _MAX_SEGMENT_WORDS = max(s.count("_") + 1 for s in _SEGMENTS)
-
-#: Training metadata (see ``convlora.diffusion.TRAINING_METADATA``) mirrored into kohya's ``ss_*`` keys.
-SS_MIRRORS = {
-    "base_model": "ss_sd_model_name",
-    "steps": "ss_steps",
-    "resolution": "ss_resolution",
-    "dataset_size": "ss_num_train_images",
-    "learning_rate": "ss_learning_rate",
-    "train_batch_size": "ss_batch_size_per_device",
-    "mixed_precision": "ss_mixed_precision",
-    "seed": "ss_seed",
-}
 
 
 def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -81,24 +72,20 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
             if name in origin:
                 raise LoRAFormatError(f"{origin[name]} and {component}.{path} both become kohya name {name}")
             origin[name] = f"{component}.{path}"
-            alpha = module.alpha * math.sqrt(module.r) if weights.use_rslora else module.alpha
             tensors[f"{name}.lora_down.weight"] = module.lora_A
             tensors[f"{name}.lora_up.weight"] = module.lora_B
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(module.alpha, module.r, weights.use_rslora), dtype=torch.float32)
     rank, alpha, conv_rank, conv_alpha = weights.most_common()
-    scale = (lambda r: math.sqrt(r)) if weights.use_rslora else (lambda r: 1.0)
-    header = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": _fmt(alpha * scale(rank)),
-        "ss_base_model_version": base_model_version,
-    }
+    # The network keys describe these tensors, so they win over same-named metadata (e.g. from a
+    # LyCORIS source file); the base model version is the caller's to say.
+    header = {"ss_base_model_version": base_model_version, **weights.metadata}
+    header["ss_network_module"] = "networks.lora"
+    header["ss_network_dim"] = str(rank)
+    header["ss_network_alpha"] = _fmt(_kohya_alpha(alpha, rank, weights.use_rslora))
+    header.pop("ss_network_args", None)
     if conv_rank is not None:
-        header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha * scale(conv_rank))})
-    header.update(weights.metadata)
-    for key, ss_key in SS_MIRRORS.items():  # what A1111's / ComfyUI's metadata views show
-        if key in weights.metadata and ss_key not in weights.metadata:
-            header[ss_key] = weights.metadata[key]
+        conv_alpha = _kohya_alpha(conv_alpha, conv_rank, weights.use_rslora)
+        header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha)})
     return tensors, header
 
 
@@ -127,7 +114,9 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
         if path in renamed:
             raise LoRAFormatError(f"{source}: two kohya names restore to the same module path {path}")
         renamed[path] = module
-    return LoRAWeights(renamed, use_rslora=False, metadata=dict(header))
+    # The network keys describe the tensors and are rewritten from them by every writer.
+    metadata = {k: v for k, v in header.items() if k not in NETWORK_KEYS}
+    return LoRAWeights(renamed, use_rslora=False, metadata=metadata)
 
 
 def kohya_name_to_path(name: str, has_te2: bool = False) -> str:
@@ -158,6 +147,11 @@ def _restore_dots(flat: str) -> str:
                 i += n
                 break
     return ".".join(segments)
+
+
+def _kohya_alpha(alpha: float, rank: int, use_rslora: bool) -> float:
+    """kohya scales by ``alpha / r``: rsLoRA's ``alpha / sqrt(r)`` is ``alpha * sqrt(r)`` there."""
+    return alpha * math.sqrt(rank) if use_rslora else alpha
 
 
 def _fmt(value: float) -> str:

@@ -82,3 +82,10 @@ def test_parameter_count_matches_injected_layers(unet):
     predicted = sum(lora_parameter_count(modules[p], s.r) for p, s in plan.items())
     convlora.inject_lora(unet, cfg)
     assert predicted == sum(p.numel() for p in convlora.adapter_parameters(unet).values())
+
+
+def test_training_metadata_keys_are_the_ones_inspect_knows():
+    from convlora.diffusion import TRAINING_METADATA
+    from convlora.training.metadata import REQUIRED_KEYS
+
+    assert set(REQUIRED_KEYS) <= set(TRAINING_METADATA)

@@ -163,3 +163,13 @@ def test_diffusers_to_peft_needs_one_component(tmp_path):
     convert_lora_file(src, tmp_path / "peft", "peft", component="unet")
     fmt, back = read_lora_file(tmp_path / "peft")
     assert fmt == "peft" and len(back.modules) == 3 and back.modules["mid_block.resnets.0.time_emb_proj"].alpha == 8.0
+
+
+def test_kohya_network_keys_describe_the_tensors_not_stale_metadata(tmp_path):
+    weights = _weights()
+    weights.metadata.update({"ss_network_dim": "128", "ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1_5"})
+    _, header = read_safetensors(write_lora_file(weights, tmp_path / "k.safetensors", "kohya"))
+    assert (header["ss_network_dim"], header["ss_network_module"]) == ("4", "networks.lora")
+    assert header["ss_base_model_version"] == "sd_v1_5"  # the caller's to say
+    _, back = read_lora_file(tmp_path / "k.safetensors")
+    assert "ss_network_dim" not in back.metadata and back.metadata["ss_base_model_version"] == "sd_v1_5"
