@@ -42,6 +42,7 @@ __all__ = [
     "load_tiny_tokenizer",
     "build_tiny_pipeline",
     "save_tiny_pipeline",
+    "copy_tokenizer_vocab_files",
 ]
 
 #: Default image side of the tiny pipeline, in pixels.
@@ -116,11 +117,26 @@ def tiny_scheduler_config() -> dict[str, Any]:
     )
 
 
+_TOKENIZER_RESOURCE = "diffusion/assets/clip_tokenizer"
+
+
 def load_tiny_tokenizer() -> CLIPTokenizer:
     """The packaged 1,000-token real-CLIP-vocabulary tokenizer (bos 998, eos = pad = 999)."""
-    resource = importlib.resources.files("convlora").joinpath("diffusion/assets/clip_tokenizer")
+    resource = importlib.resources.files("convlora").joinpath(_TOKENIZER_RESOURCE)
     with importlib.resources.as_file(resource) as folder:
         return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+def copy_tokenizer_vocab_files(tokenizer_dir: str | Path) -> None:
+    """Copy the packaged ``vocab.json`` and ``merges.txt`` into a saved pipeline's ``tokenizer/``.
+
+    transformers 5 saves only ``tokenizer.json``; transformers 4.x loads the ``CLIPTokenizer``
+    named in ``model_index.json`` from ``vocab.json`` + ``merges.txt``, so keep both.
+    """
+    dest = Path(tokenizer_dir)
+    folder = importlib.resources.files("convlora").joinpath(_TOKENIZER_RESOURCE)
+    for name in ("vocab.json", "merges.txt"):
+        (dest / name).write_bytes(folder.joinpath(name).read_bytes())
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -158,4 +174,5 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
     weights as safetensors). Returns ``path`` as a Path."""
     out = Path(path)
     build_tiny_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
+    copy_tokenizer_vocab_files(out / "tokenizer")
     return out
