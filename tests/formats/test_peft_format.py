@@ -113,3 +113,18 @@ def test_peft_leftover_keys_are_named(resnet, tmp_path):
     with pytest.raises(LoRAFormatError, match=r"base_model\.model\.stem\.weight"):
         load_peft_adapter(resnet, tmp_path / "mts")
     assert not convlora.lora_layers(resnet)  # nothing injected
+
+
+def test_peft_folder_converted_to_native_loads_with_core_load_lora(resnet, tmp_path, randomize_lora):
+    from convlora.formats import convert_lora_file
+
+    peft_model = get_peft_model(copy.deepcopy(resnet), LoraConfig(r=3, lora_alpha=5, target_modules=["conv2", "fc"]))
+    randomize_lora(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = peft_model.eval()(x)
+    assert convert_lora_file(tmp_path / "peft", tmp_path / "native.safetensors", "native")[0] == "peft"
+    assert sorted(convlora.load_lora(resnet, tmp_path / "native.safetensors")) == ["fc", "layer1.conv2", "layer2.conv2"]
+    with torch.no_grad():
+        assert _max_diff(resnet.eval()(x), expected) < TOL
