@@ -11,6 +11,7 @@ import convlora
 from convlora.cli import main
 from convlora.diffusion import inject_pipeline_lora, save_pipeline_lora, text_encoder_lora_config, unet_lora_config
 from convlora.io import read_safetensors, write_safetensors
+from convlora.testing import randomize_lora_
 
 TRAINING = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500", "resolution": "32", "num_train_images": "32"}
 
@@ -39,12 +40,8 @@ def adapted(tmp_path_factory):
     inject_pipeline_lora(
         pipe, unet_lora_config("full", rank=4, alpha=8, conv_rank=2, conv_alpha=1), text_encoder_lora_config("attn", rank=4)
     )
-    g = torch.Generator().manual_seed(0)
-    for model in (pipe.unet, pipe.text_encoder):
-        layers = convlora.lora_layers(model).values()
-        with convlora.temporarily_unmerged(layers), torch.no_grad():
-            for layer in layers:
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    randomize_lora_(pipe.unet, seed=0)
+    randomize_lora_(pipe.text_encoder, seed=1)
     path = tmp_path_factory.mktemp("lora") / "pytorch_lora_weights.safetensors"
     save_pipeline_lora(path, unet=pipe.unet, text_encoder=pipe.text_encoder, metadata=TRAINING)
     return pipe, path

@@ -21,19 +21,10 @@ from convlora.diffusion import (
 )
 from convlora.formats import LoRAFormatError
 from convlora.io import read_safetensors, write_safetensors
+from convlora.testing import randomize_lora_
 
 TOL = 1e-5
 METADATA = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500"}
-
-
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """Non-zero B (and a fresh A) everywhere, so the adapter visibly changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    layers = convlora.lora_layers(model)
-    with convlora.temporarily_unmerged(layers.values()), torch.no_grad():
-        for layer in layers.values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * std * 4)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
 
 
 def _outputs(pipe, unet_inputs, token_ids):
@@ -49,8 +40,8 @@ def _adapted_pipeline(template, preset: str):
     else:
         unet_cfg = unet_lora_config(preset, rank=4, alpha=2)
     inject_pipeline_lora(pipe, unet_cfg, text_encoder_lora_config("attn-mlp", rank=4, alpha=6))
-    _randomize(pipe.unet, seed=1)
-    _randomize(pipe.text_encoder, seed=2)
+    randomize_lora_(pipe.unet, seed=1, std=0.1)
+    randomize_lora_(pipe.text_encoder, seed=2, std=0.1)
     return pipe
 
 

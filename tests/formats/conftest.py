@@ -60,20 +60,18 @@ def bert():
     return BertModel(config).eval()
 
 
-def randomize_lora(model: nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    """Give every LoRA B (convlora or PEFT) non-zero values so the adapter changes the outputs."""
-    import convlora
-
+def randomize_peft_lora(model: nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Random A and B for every LoRA matrix of a PEFT model (convlora models: convlora.testing.randomize_lora_)."""
     g = torch.Generator().manual_seed(seed)
-    with convlora.temporarily_unmerged(convlora.lora_layers(model).values()), torch.no_grad():
+    with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if "lora_B" in name or "lora_A" in name:
+            if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
-@pytest.fixture(name="randomize_lora")
-def _randomize_lora_fixture():
-    return randomize_lora
+@pytest.fixture(name="randomize_peft_lora")
+def _randomize_peft_lora_fixture():
+    return randomize_peft_lora
 
 
 @pytest.fixture(autouse=True)

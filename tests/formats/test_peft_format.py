@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import convlora
+from convlora.testing import randomize_lora_
 from convlora.formats import LoRAFormatError, load_peft_adapter, save_peft_adapter
 
 TOL = 1e-5
@@ -20,14 +21,14 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def test_resnet_to_peft(resnet, tmp_path, randomize_lora):
+def test_resnet_to_peft(resnet, tmp_path):
     base = copy.deepcopy(resnet)
     cfg = convlora.LoRAConfig(
         r=4, alpha=8, target_modules=["stem", "conv1", "conv2", "shortcut.0", "fc"],
         conv_rank=2, conv_alpha=3, rank_pattern={"layer2.conv2": 3}, alpha_pattern={"fc": 1.5},
     )  # fmt: skip
     convlora.inject_lora(resnet, cfg)
-    randomize_lora(resnet)
+    randomize_lora_(resnet)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = resnet.eval()(x)
@@ -43,14 +44,14 @@ def test_resnet_to_peft(resnet, tmp_path, randomize_lora):
         assert _max_diff(peft_model(x), expected) < TOL
 
 
-def test_peft_resnet_to_convlora(resnet, tmp_path, randomize_lora):
+def test_peft_resnet_to_convlora(resnet, tmp_path, randomize_peft_lora):
     base = copy.deepcopy(resnet)
     peft_config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["conv1", "conv2", "fc", "0"],
         rank_pattern={"layer1.conv1": 2}, alpha_pattern={"fc": 2},
     )  # fmt: skip
     peft_model = get_peft_model(copy.deepcopy(resnet), peft_config)
-    randomize_lora(peft_model)
+    randomize_peft_lora(peft_model)
     peft_model.save_pretrained(tmp_path / "peft")
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -69,11 +70,11 @@ def test_peft_resnet_to_convlora(resnet, tmp_path, randomize_lora):
             assert _max_diff(base(x), expected) < TOL
 
 
-def test_bert_both_ways(bert, tmp_path, randomize_lora):
+def test_bert_both_ways(bert, tmp_path, randomize_peft_lora):
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
     ours = copy.deepcopy(bert)
     convlora.inject_lora(ours, convlora.LoRAConfig(r=4, alpha=16, target_modules=["query", "value", "dense"], use_rslora=True))
-    randomize_lora(ours, std=0.05)
+    randomize_lora_(ours, std=0.05)
     with torch.no_grad():
         expected = ours.eval()(ids).last_hidden_state
     save_peft_adapter(ours, tmp_path / "to_peft")
@@ -82,7 +83,7 @@ def test_bert_both_ways(bert, tmp_path, randomize_lora):
         assert _max_diff(peft_model(ids).last_hidden_state, expected) < TOL
 
     trained = get_peft_model(copy.deepcopy(bert), LoraConfig(r=8, lora_alpha=4, target_modules=["key", "intermediate.dense"]))
-    randomize_lora(trained, std=0.05)
+    randomize_peft_lora(trained, std=0.05)
     trained.save_pretrained(tmp_path / "from_peft")
     with torch.no_grad():
         expected = trained.eval()(ids).last_hidden_state
@@ -115,11 +116,11 @@ def test_peft_leftover_keys_are_named(resnet, tmp_path):
     assert not convlora.lora_layers(resnet)  # nothing injected
 
 
-def test_peft_folder_converted_to_native_loads_with_core_load_lora(resnet, tmp_path, randomize_lora):
+def test_peft_folder_converted_to_native_loads_with_core_load_lora(resnet, tmp_path, randomize_peft_lora):
     from convlora.formats import convert_lora_file
 
     peft_model = get_peft_model(copy.deepcopy(resnet), LoraConfig(r=3, lora_alpha=5, target_modules=["conv2", "fc"]))
-    randomize_lora(peft_model)
+    randomize_peft_lora(peft_model)
     peft_model.save_pretrained(tmp_path / "peft")
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
