@@ -153,3 +153,12 @@ def test_merge_writes_a_pipeline_with_the_lora_inside(adapted, pipeline_dir, tmp
     x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         assert (merged(x, torch.tensor([3]), c).sample - pipe.unet(x, torch.tensor([3]), c).sample).abs().max() < 1e-5
+
+
+def test_doctor_notes_kohya_modules_without_alpha(tmp_path, capsys):
+    write_safetensors(
+        {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)},
+        tmp_path / "old.safetensors",
+    )
+    assert main(["doctor", str(tmp_path / "old.safetensors")]) == 0
+    assert "1 module(s) have no .alpha, so alpha = rank: lora_unet_conv_in" in capsys.readouterr().out

@@ -229,6 +229,10 @@ def _a1111_verdict(fmt, keys, weights) -> Verdict:
         if others:
             v.status = "no"
             v.reasons.append(f"keys they do not map: {', '.join(others[:5])}")
+        names = {k[: -len(".lora_down.weight")] for k in keys if k.endswith(".lora_down.weight")}
+        no_alpha = sorted(n for n in names if f"{n}.alpha" not in keys)
+        if no_alpha:  # not an error: every loader then uses alpha = rank, as convlora does
+            v.reasons.append(f"{len(no_alpha)} module(s) have no .alpha, so alpha = rank: {', '.join(no_alpha[:4])}")
         return v
     if fmt in ("native", "peft") or weights is None:
         return Verdict(v.loader, "n/a", ["not a kohya file: `convlora convert FILE OUT --to kohya`"])
