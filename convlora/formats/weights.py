@@ -245,6 +245,12 @@ def load_weights_into_model(
             + _short(unknown)
         )
     by_model_path = {resolved[p]: m for p, m in modules.items() if p in resolved}
+    if len(by_model_path) < len(resolved):
+        seen: dict[str, list[str]] = {}
+        for p, target in resolved.items():
+            seen.setdefault(target, []).append(p)
+        twice = [f"{target} ({' and '.join(ps)})" for target, ps in seen.items() if len(ps) > 1]
+        raise LoRAFormatError(f"{source}: several LoRA entries land on the same module: {_short(twice)}")
     layers = lora_layers(model)
     injected_here = not layers
     eval_paths: list[str] = []

@@ -173,3 +173,14 @@ def test_kohya_network_keys_describe_the_tensors_not_stale_metadata(tmp_path):
     assert header["ss_base_model_version"] == "sd_v1_5"  # the caller's to say
     _, back = read_lora_file(tmp_path / "k.safetensors")
     assert "ss_network_dim" not in back.metadata and back.metadata["ss_base_model_version"] == "sd_v1_5"
+
+
+def test_two_spellings_of_one_module_are_refused():
+    from torch import nn
+
+    from convlora.formats import load_weights_into_model
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    one = LoRAModule(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)
+    with pytest.raises(LoRAFormatError, match=r"several LoRA entries land on the same module: 0\.0 \(0\.0 and 0_0\)"):
+        load_weights_into_model(model, {"0.0": one, "0_0": one})  # exact name, and kohya's spelling of it
