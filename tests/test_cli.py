@@ -16,14 +16,6 @@ from convlora.testing import randomize_lora_
 TRAINING = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500", "resolution": "32", "num_train_images": "32"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on shared cores: a second thread only spins
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     from convlora.diffusion.tiny import save_tiny_pipeline

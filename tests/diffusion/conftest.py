@@ -46,13 +46,3 @@ def unet_inputs():
 def token_ids():
     g = torch.Generator().manual_seed(2)
     return torch.randint(0, 998, (2, 77), generator=g)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on 2 shared cores: a second OpenMP thread only spins (a UNet forward measured
-    11 ms with one thread, 1.8 s with two while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -72,13 +72,3 @@ def randomize_peft_lora(model: nn.Module, std: float = 0.1, seed: int = 0) -> No
 @pytest.fixture(name="randomize_peft_lora")
 def _randomize_peft_lora_fixture():
     return randomize_peft_lora
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on 2 shared cores: a second OpenMP thread only spins (a UNet forward measured
-    11 ms with one thread, 1.8 s with two while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
