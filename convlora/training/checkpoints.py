@@ -280,9 +280,11 @@ _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 
 def _encode(value: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
-        key = f"{len(tensors)}:{where}"
-        tensors[key] = value.detach().cpu()
-        return {_TENSOR: key}
+        # Keyed by its place in the structure, so equal states give equal files whatever the dict order.
+        if where in tensors:
+            raise ValueError(f"two tensors at {where} (keys that differ only in type?)")
+        tensors[where] = value.detach().cpu()
+        return {_TENSOR: where}
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):

@@ -1,0 +1,278 @@
+"""End-to-end: the real train_scripts/train_text_to_image_lora.py through `accelerate launch`, on the
+tiny pipeline, on the CPU. Each test names the behaviour of issue 4 it checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_script_helpers import REPO, SCRIPT, check_ok, launch, script_args, summary
+
+from convlora import load_lora, read_safetensors
+from convlora.state import check_finite
+from convlora.training.checkpoints import list_checkpoints, read_state, resolve_resume_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _pipeline(base: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_out(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(123)
+    x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([20, 600]), h).sample
+
+
+def _all_tensors_finite(folder: Path) -> None:
+    for path in folder.rglob("*.safetensors"):
+        check_finite(read_safetensors(path)[0], source=str(path))
+
+
+# ---- 1 + 7 + 8: loss, files, validation, logs, metadata ------------------------------------------
+
+
+def test_trains_saves_loads_back_and_reports(tiny_base, toy_data, tmp_path):
+    out = tmp_path / "run"
+    result = launch(script_args(
+        tiny_base, toy_data, out, train_batch_size=4, max_train_steps=16, learning_rate=3e-3, checkpointing_steps=8,
+        save_format=["diffusers", "kohya", "native"], report_to="tensorboard", validation_prompt=["a photo of a sks ball"],
+        num_validation_images=2, validation_inference_steps=3, validation_steps=8, validation_guidance_scale=1.0,
+    ))
+    output = check_ok(result)
+    s = summary(out)
+
+    # 1. the loss is finite and goes down on this small fixed set
+    losses = s["losses"]
+    assert len(losses) == 16 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+
+    # 1. the files load back -- convlora and diffusers' own loader -- and give the trained model's outputs
+    reference_pipe = _pipeline(tiny_base)
+    load_lora(reference_pipe.unet, out / "checkpoint-16" / "unet_lora.safetensors")  # the exact trained weights
+    reference = _unet_out(reference_pipe.unet)
+    assert not torch.allclose(reference, _unet_out(_pipeline(tiny_base).unet), atol=1e-3)  # LoRA changed something
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe = _pipeline(tiny_base)
+        pipe.load_lora_weights(str(out / name))
+        assert torch.allclose(_unet_out(pipe.unet), reference, atol=1e-5), name
+    from convlora.diffusion import load_pipeline_lora
+
+    pipe = _pipeline(tiny_base)
+    loaded = load_pipeline_lora(out / "lora_convlora.safetensors", unet=pipe.unet)
+    assert loaded["format"] == "native" and torch.allclose(_unet_out(pipe.unet), reference, atol=1e-6)
+
+    # 7. validation: base | LoRA grids (first at step 8), the LoRA images reproduce with the saved file
+    grid_8, grid_final = out / "validation" / "step-000008.png", out / "validation" / "final.png"
+    assert grid_8.is_file() and grid_final.is_file()
+    pipe = _pipeline(tiny_base)
+    pipe.load_lora_weights(str(out))
+    images = pipe(["a photo of a sks ball"] * 2, generator=[torch.Generator().manual_seed(s["seed"] + i) for i in range(2)],
+                  num_inference_steps=3, guidance_scale=1.0).images
+    grid = np.asarray(Image.open(grid_final).convert("RGB")).astype(int)
+    tile, label_w, gap, header = 96, 220, 16, 22  # the layout of make_grid: base tiles, gap, LoRA tiles
+    for i, image in enumerate(images):
+        x0 = label_w + 2 * tile + gap + i * tile
+        shown = grid[header:header + tile:3, x0:x0 + tile:3]  # undo the 3x nearest upscale
+        assert np.abs(shown - np.asarray(image).astype(int)).max() <= 2
+    base_pipe = _pipeline(tiny_base)
+    base_images = base_pipe(["a photo of a sks ball"] * 2, generator=[torch.Generator().manual_seed(s["seed"] + i) for i in range(2)],
+                            num_inference_steps=3, guidance_scale=1.0).images
+    for i, image in enumerate(base_images):
+        shown = grid[header:header + tile:3, label_w + i * tile:label_w + (i + 1) * tile:3]
+        assert np.abs(shown - np.asarray(image).astype(int)).max() <= 2
+
+    # 7. tensorboard has the loss curve and the grid; tqdm showed step, loss and lr; the end lists the outputs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Scalars("train_loss")) == 16 and len(events.Scalars("lr")) == 16
+    assert "validation/grid" in events.Tags()["images"]
+    assert "Steps: 100%" in output and "loss=" in output and "lr=" in output and "step=16" in output
+    for label in ("LoRA (diffusers):", "LoRA (kohya):", "LoRA (native):", "validation grid:", "tensorboard:", "summary:"):
+        assert label in output
+    for path in s["outputs"].values():
+        assert Path(path.split()[0].rstrip(",")).exists()
+
+    # 8. the files say how they were made
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "lora_convlora.safetensors"):
+        _, header = read_safetensors(out / name)
+        assert header["base_model"] == str(tiny_base) and header["ss_sd_model_name"] == str(tiny_base)
+        assert (header["unet_preset"], header["rank"], header["alpha"]) == ("full", "4", "4")
+        assert (header["steps"], header["resolution"], header["num_train_images"]) == ("16", "32", "8")
+        assert header["ss_steps"] == "16" and header["ss_num_train_images"] == "8"
+    _, kohya = read_safetensors(out / "lora_kohya.safetensors")
+    assert kohya["ss_network_dim"] == "4" and json.loads(kohya["ss_network_args"])["conv_dim"] == "4"
+
+
+# ---- 3: two processes == one process with the doubled batch --------------------------------------
+
+
+def test_two_process_ddp_equals_one_process_double_batch(tiny_base, toy_data, tmp_path):
+    # Adam turns a gradient into roughly +-lr per element, so weight differences from float
+    # summation order scale with the learning rate; the gradients themselves agree to ~1e-8.
+    common = dict(max_train_steps=4, learning_rate=5e-5, lr_scheduler="cosine", lr_warmup_steps=1, checkpointing_steps=2)
+    two = check_ok(launch(script_args(tiny_base, toy_data, tmp_path / "two", train_batch_size=1, **common), num_processes=2))
+    one = check_ok(launch(script_args(tiny_base, toy_data, tmp_path / "one", train_batch_size=2, **common)))
+    assert "MULTI_CPU" in two and "[RANK 1]" in two and two.count("Done in") == 1  # one save, by the main process
+    s_two, s_one = summary(tmp_path / "two"), summary(tmp_path / "one")
+    assert s_two["num_processes"] == 2 and s_one["num_processes"] == 1
+    a, _ = read_safetensors(tmp_path / "two" / "lora_convlora.safetensors")
+    b, _ = read_safetensors(tmp_path / "one" / "lora_convlora.safetensors")
+    assert a.keys() == b.keys()
+    max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert max_diff < 1e-5, max_diff
+    assert np.allclose(s_two["losses"], s_one["losses"], atol=1e-5, rtol=0)
+    assert s_two["learning_rates"] == s_one["learning_rates"]  # the schedule does not depend on the process count
+    assert [p.name for _, p in list_checkpoints(tmp_path / "two")] == ["checkpoint-2", "checkpoint-4"]
+
+
+# ---- 2: mixed precision from the accelerate config -----------------------------------------------
+
+
+def test_bf16_set_only_in_the_accelerate_config(tiny_base, toy_data, tmp_path):
+    config = tmp_path / "bf16.yaml"
+    config.write_text((REPO / "accelerate_config.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: bf16"))
+    out = tmp_path / "bf16"
+    output = check_ok(launch(script_args(
+        tiny_base, toy_data, out, max_train_steps=3, cache_latents=True, center_crop=True,
+        validation_prompt=["a photo of a sks ball"], num_validation_images=1, validation_inference_steps=2, validation_steps=1,
+    ), config=config))
+    s = summary(out)
+    assert s["mixed_precision"] == "bf16"  # not passed to the script: read from accelerate
+    assert s["dtypes"]["unet"] == {"frozen": ["torch.bfloat16"], "trainable": ["torch.float32"]}  # after validations too
+    assert s["dtypes"]["vae"]["frozen"] == ["torch.bfloat16"] and s["dtypes"]["text_encoder"]["frozen"] == ["torch.bfloat16"]
+    assert "Attempting to unscale" not in output and all(np.isfinite(s["losses"]))
+    tensors, header = read_safetensors(out / "lora_convlora.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32} and header["mixed_precision"] == "bf16"
+    assert header["ss_cache_latents"] == "True"
+    assert (out / "validation" / "step-000001.png").is_file()
+
+
+def test_fp16_on_cpu_is_a_clear_error(tiny_base, toy_data, tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), *script_args(tiny_base, toy_data, tmp_path / "x", mixed_precision="fp16")],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode != 0 and "fp16 mixed precision needs a GPU" in result.stderr
+
+
+# ---- 4 + 5: atomic checkpoints, SIGKILL while saving, exact resume ------------------------------
+
+
+def test_sigkill_while_saving_then_exact_resume(tiny_base, toy_data, tmp_path):
+    # 8 images, batch 1, 2 accumulated batches per step: 4 steps per epoch; checkpoints every 3
+    # steps, so the resume starts mid-epoch. Every random feature is on.
+    common = dict(
+        train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=9, checkpointing_steps=3, checkpoints_total_limit=2,
+        lr_scheduler="cosine", lr_warmup_steps=2, train_text_encoder=True, snr_gamma=5.0, noise_offset=0.05,
+        random_flip=True, caption_dropout=0.2, lora_dropout=0.1, conv_rank=2,
+    )
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check_ok(launch(script_args(tiny_base, toy_data, straight, **common)))
+    assert [p.name for _, p in list_checkpoints(straight)] == ["checkpoint-6", "checkpoint-9"]  # rotated
+
+    ready = tmp_path / "saving-6"
+    log = tmp_path / "killed.log"
+    proc = launch(script_args(tiny_base, toy_data, killed, **common), new_session=True, wait=False, log=log,
+                  faults={"hang_in_checkpoint": {"step": 6, "ready_file": str(ready)}})
+    try:
+        deadline = time.time() + 600
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the training process, mid-save
+    finally:
+        proc.wait()
+    partial = Path(ready.read_text())
+    assert partial.is_dir() and partial.name.startswith(".checkpoint-6.tmp-") and any(partial.iterdir())
+    assert not (killed / "checkpoint-6").exists()
+    with pytest.warns(UserWarning, match="ignoring incomplete"):
+        assert resolve_resume_checkpoint("latest", killed) == killed / "checkpoint-3"
+    previous = killed / "checkpoint-3"
+    assert read_state(previous, "progress")["global_step"] == 3 and len(read_state(previous, "optimizer")["state"]) > 0
+    read_safetensors(previous / "unet_lora.safetensors")
+
+    output = check_ok(launch(script_args(tiny_base, toy_data, killed, resume_from_checkpoint="latest", **common)))
+    assert "Resumed from" in output and "checkpoint-3 at step 3" in output
+    assert not partial.exists()  # cleaned up once newer checkpoints were complete
+    a, b = summary(straight), summary(killed)
+    assert a["losses"] == b["losses"] and a["learning_rates"] == b["learning_rates"] and a["skipped_steps"] == b["skipped_steps"] == []
+    for step in (6, 9):
+        sa, sb = straight / f"checkpoint-{step}", killed / f"checkpoint-{step}"
+        for name in ("unet_lora.safetensors", "text_encoder_lora.safetensors", "optimizer.safetensors"):
+            ta, tb = read_safetensors(sa / name)[0], read_safetensors(sb / name)[0]
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (step, name)
+        for name in ("optimizer", "lr_scheduler", "progress"):
+            assert (sa / f"{name}.json").read_text() == (sb / f"{name}.json").read_text(), (step, name)
+    ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(killed / "lora_convlora.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_path_that_does_not_exist_is_an_error(tiny_base, toy_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *script_args(tiny_base, toy_data, tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-5"))],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 1 and "no such checkpoint folder" in result.stderr
+    assert not (tmp_path / "out" / "train_summary.json").exists()
+
+
+# ---- 6: non-finite losses ------------------------------------------------------------------------
+
+
+def test_nan_steps_are_skipped_then_stop_the_run_and_nothing_non_finite_is_written(tiny_base, toy_data, tmp_path):
+    # Step 3 alone is NaN (skipped, reported, training goes on); steps 5, 6, 7 in a row stop the run.
+    out = tmp_path / "nans"
+    result = launch(script_args(tiny_base, toy_data, out, max_train_steps=10, checkpointing_steps=2, max_consecutive_nonfinite_steps=3,
+                                save_format=["diffusers", "native"]), faults={"nan_loss_at_steps": [3, 5, 6, 7]})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "step 3: loss is nan (non-finite); the update was skipped" in output
+    assert "step 4: loss" not in output  # step 4 trained normally
+    assert "the loss was NaN/inf in 3 steps in a row (up to step 7); stopping" in output
+    assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    progress = read_state(out / "checkpoint-6", "progress")
+    assert progress["skipped_steps"] == [3, 5, 6] and progress["losses"][2] is None and progress["losses"][3] is not None
+    lrs = progress["learning_rates"]
+    assert lrs[2] == lrs[1]  # the schedule does not advance on a skipped step
+    # A skipped step leaves the weights as they were: checkpoint-6 holds the weights of step 4.
+    w4, w6 = read_safetensors(out / "checkpoint-4" / "unet_lora.safetensors")[0], read_safetensors(out / "checkpoint-6" / "unet_lora.safetensors")[0]
+    assert all(torch.equal(w4[k], w6[k]) for k in w4)
+    _all_tensors_finite(out)
+    assert not list(out.glob("*.safetensors")) and not (out / "train_summary.json").exists()
+
+
+# ---- the embedded default ------------------------------------------------------------------------
+
+
+def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
+    out = tmp_path / "embedded"
+    result = launch(["--output_dir", str(out), "--max_train_steps", "2", "--num_validation_images", "2",
+                     "--validation_inference_steps", "2", "--report_to", "none"])
+    output = check_ok(result)
+    s = summary(out)
+    shipped = (REPO / "examples" / "tiny-sd-fashion" / "model_index.json").is_file()
+    assert s["base_model"] == (str(REPO / "examples" / "tiny-sd-fashion") if shipped else str(out / "embedded-stand-in" / "tiny-sd"))
+    assert s["global_step"] == 2 and (out / "validation" / "final.png").is_file()
+    if shipped:
+        assert s["train_data"] == str(REPO / "examples" / "sks-bag")
+    if (REPO / "examples" / "tiny-sd-fashion" / "classifier" / "model.safetensors").is_file():
+        assert set(s["concept_scores"]) == {"bag", "trouser", "sneaker"}
+        assert "concept score 'bag' ('a photo of a sks bag'): base" in output
+    _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
+    assert header["unet_preset"] == "full" and header["resolution"] == "32"

@@ -1,0 +1,861 @@
+#!/usr/bin/env python
+"""Train a LoRA (attention + conv) for a Stable-Diffusion-1.x-style pipeline with accelerate.
+
+    accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py \\
+        --pretrained_model_name_or_path PIPELINE_DIR_OR_HUB_ID --train_data_dir IMAGES_DIR \\
+        --resolution 512 --train_batch_size 4 --max_train_steps 2000 --rank 16 --unet_preset full \\
+        --output_dir out/my-lora --checkpointing_steps 500 --validation_prompt "a photo of sks dog"
+
+With no arguments it trains on the embedded default: the tiny pretrained base in
+``examples/tiny-sd-fashion`` and the captioned set in ``examples/sks-bag`` (while those are absent:
+a tiny pipeline built from configs and a generated image set), and writes a before/after grid.
+
+Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lora.py``; every
+``help=`` below is the documentation. What differs from that script, and why:
+
+* LoRA goes into convolutions too (``--unet_preset full``, ``--conv_rank``), via convlora.
+* The choice of precision is read from ``accelerator.mixed_precision`` (so the accelerate config
+  alone can set it); the frozen weights are cast to it, the LoRA weights stay float32.
+* Every random draw of a sample (crop, flip, caption dropout, noise, timestep) is seeded by
+  ``(seed, epoch, dataset index)``: N processes give the same weights as one process with an
+  N-times larger batch, and a resumed run equals a straight one (weights, optimizer, LR, losses).
+* Checkpoints are written to a temporary folder and renamed when complete, rotated by step number,
+  and hold no pickles; a resume path that does not exist is an error.
+* A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
+  non-finite tensors is ever written.
+
+The steps of ``main()``: 1 setup, 2 models, 3 data, 4 optimizer (+ resume), 5 train loop, 6 save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from convlora import adapter_parameters, disable_lora, inject_lora, load_lora, mark_only_lora_as_trainable, save_lora  # noqa: E402
+from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
+from convlora.training.checkpoints import (  # noqa: E402
+    CheckpointError,
+    list_checkpoints,
+    read_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_state,
+)
+from convlora.training.data import (  # noqa: E402
+    DataError,
+    EpochShuffleSampler,
+    TextImageDataset,
+    cache_latents,
+    clip_tokenize,
+    collate,
+    load_hf_source,
+    read_image_folder,
+    sample_seed,
+    write_toy_dataset,
+)
+from convlora.training.metadata import training_metadata  # noqa: E402
+from convlora.training.noise import PREDICTION_TYPES, diffusion_loss, draw_step_noise, training_target  # noqa: E402
+from convlora.training.precision import (  # noqa: E402
+    adapter_dtypes,
+    cast_for_training,
+    check_mixed_precision,
+    parameter_dtypes,
+    weight_dtype_for,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+EMBEDDED_BASE = REPO / "examples" / "tiny-sd-fashion"
+EMBEDDED_DATA = REPO / "examples" / "sks-bag"
+EMBEDDED_CONCEPT = "a photo of a sks bag"
+#: The no-argument run: the new concept plus two classes the base already knows (to show drift).
+EMBEDDED_PROMPTS = [EMBEDDED_CONCEPT, "a photo of a trouser", "a photo of a sneaker"]
+EMBEDDED_SCORE_CLASSES = ["bag", "trouser", "sneaker"]
+
+#: Defaults that depend on the run: (with your own model/data, with the embedded default).
+MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "resolution": (512, 32),
+    "train_batch_size": (16, 8),
+    "num_train_epochs": (100, 100),
+    "max_train_steps": (None, 600),
+    "learning_rate": (1e-4, 1e-3),
+    "lr_scheduler": ("constant", "cosine"),
+    "lr_warmup_steps": (500, 20),
+    "rank": (4, 8),
+    "center_crop": (False, True),
+    "random_flip": (False, True),
+    "validation_epochs": (1, 1000),
+    "num_validation_images": (4, 16),
+    "validation_guidance_scale": (7.5, 3.0),
+    "checkpointing_steps": (500, 1000),
+    "seed": (None, 0),
+    "output_dir": ("out/text-to-image-lora", "out/sks-bag-lora"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def default(name: str) -> str:
+        own, embedded = MODE_DEFAULTS[name]
+        return f"(default: {own}; {embedded} for the embedded no-argument run)"
+
+    p = argparse.ArgumentParser(
+        description="Train a text-to-image LoRA (attention + conv) with accelerate. No arguments: the embedded demo.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="SD-1.x-style pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or hub id. "
+                        "Omitted: the embedded tiny base in examples/tiny-sd-fashion.")
+    g.add_argument("--revision", type=str, default=None, help="Revision of a hub model.")
+    g.add_argument("--variant", type=str, default=None, help="Weight file variant of the pipeline, e.g. 'fp16'.")
+    g.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                   help="What the UNet learns to predict. Omitted: the scheduler config's prediction_type.")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=None, help="Rank of the LoRA updates " + default("rank"))
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank. Omitted: alpha = rank.")
+    g.add_argument("--unet_preset", type=str, default="full", choices=["attn", "attn-ff", "full"],
+                   help="UNet layers that get LoRA: 'attn' = to_q/k/v/out (diffusers' set), 'attn-ff' = + proj_in/out "
+                        "and feed-forward (kohya's LoRA), 'full' = + resnet and resampler convs (kohya's LoCon).")
+    g.add_argument("--conv_rank", type=int, default=None, help="Rank of the 3x3 convs ('full' preset; kohya's conv_dim). Omitted: --rank.")
+    g.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the 3x3 convs. Omitted: --conv_rank.")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
+    g.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
+    g.add_argument("--text_encoder_preset", type=str, default="attn", choices=["attn", "attn-mlp"],
+                   help="Text-encoder layers that get LoRA (with --train_text_encoder).")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of the text-encoder LoRA. Omitted: --learning_rate.")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="A `datasets` dataset: hub name, local dataset folder, or a save_to_disk folder.")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="The config of the dataset, if it has several.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="A folder of images with captions in metadata.jsonl (file_name + caption column) or in "
+                        ".txt/.caption files beside each image. Omitted (and no --dataset_name): examples/sks-bag.")
+    g.add_argument("--image_column", type=str, default="image", help="Image column of a --dataset_name dataset.")
+    g.add_argument("--caption_column", type=str, default="text", help="Caption column (dataset) or key (metadata.jsonl).")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N samples (for quick runs).")
+    g.add_argument("--resolution", type=int, default=None, help="Training image side in pixels " + default("resolution"))
+    g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="Crop the centre after resizing the shorter side; otherwise a random crop " + default("center_crop"))
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="Mirror half of the samples horizontally " + default("random_flip"))
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="Probability of training a sample with the empty caption (kohya's caption_dropout_rate).")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every image with the VAE once before training (needs --center_crop or square images).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--train_batch_size", type=int, default=None, help="Batch size per process " + default("train_batch_size"))
+    g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, unless --max_train_steps is set " + default("num_train_epochs"))
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs " + default("max_train_steps"))
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward (less memory, slower).")
+    g.add_argument("--learning_rate", type=float, default=None, help="Learning rate after warmup " + default("learning_rate"))
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x batch size x accumulation.")
+    g.add_argument("--lr_scheduler", type=str, default=None,
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                   help="Learning-rate schedule " + default("lr_scheduler"))
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warmup optimizer steps " + default("lr_warmup_steps"))
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 recommended); omitted: plain MSE.")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the per-channel noise offset (0.05-0.1 typical).")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (must be installed; GPU only).")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
+    g.add_argument("--max_consecutive_nonfinite_steps", type=int, default=5,
+                   help="Stop the run after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Overrides the accelerate config. The frozen weights are stored in this dtype, LoRA stays fp32. "
+                        "fp16 needs a GPU.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--seed", type=int, default=None, help="Seed of every random choice " + default("seed") + "; omitted: drawn and recorded.")
+
+    g = p.add_argument_group("checkpoints and outputs")
+    g.add_argument("--output_dir", type=str, default=None, help="Where everything is written " + default("output_dir"))
+    g.add_argument("--output_name", type=str, default="lora", help="File name stem of the kohya and native LoRA files.")
+    g.add_argument("--save_format", type=str, nargs="+", default=["diffusers", "kohya"], choices=["diffusers", "kohya", "native"],
+                   help="LoRA file format(s): diffusers (pytorch_lora_weights.safetensors, for load_lora_weights), "
+                        "kohya (AUTOMATIC1111 / ComfyUI), native (convlora.diffusion.load_pipeline_lora).")
+    g.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="Save a resumable checkpoint every N optimizer steps " + default("checkpointing_steps"))
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest by step deleted).")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="A checkpoint folder (or bare checkpoint-N in --output_dir) to continue from, or 'latest' "
+                        "(the newest complete one; a fresh start if there is none). A missing path is an error.")
+    g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
+    g.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'.")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompt", type=str, nargs="+", default=None,
+                   help="Prompt(s) sampled at validation, base vs LoRA side by side. Embedded run: the new concept and two known classes.")
+    g.add_argument("--num_validation_images", type=int, default=None, help="Images per prompt " + default("num_validation_images"))
+    g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs " + default("validation_epochs"))
+    g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps (instead of epochs).")
+    g.add_argument("--validation_inference_steps", type=int, default=30, help="Denoising steps per validation image.")
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance scale at validation " + default("validation_guidance_scale"))
+    g.add_argument("--validation_score_classes", type=str, nargs="+", default=None,
+                   help="One Fashion-MNIST class per --validation_prompt ('-' to skip): report the share of its images the "
+                        "classifier in examples/tiny-sd-fashion/classifier recognises as that class, base vs LoRA.")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+    args = p.parse_args(argv)
+    args.embedded = args.pretrained_model_name_or_path is None
+    if not args.embedded and args.train_data_dir is None and args.dataset_name is None:
+        p.error("with --pretrained_model_name_or_path, give the data too: --train_data_dir or --dataset_name")
+    mode = 1 if args.embedded else 0
+    for name, values in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[mode])
+    if args.embedded and args.validation_prompt is None:
+        args.validation_prompt = list(EMBEDDED_PROMPTS)
+        if args.validation_score_classes is None and (EMBEDDED_BASE / "classifier" / "model.safetensors").is_file():
+            args.validation_score_classes = list(EMBEDDED_SCORE_CLASSES)
+    if args.validation_score_classes is not None and len(args.validation_score_classes) != len(args.validation_prompt or []):
+        p.error("--validation_score_classes needs one class (or '-') per --validation_prompt")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "resolution", "rank"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return args
+
+
+@dataclass
+class Models:
+    """The pipeline's parts, as step 2 leaves them."""
+
+    noise_scheduler: DDPMScheduler
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    weight_dtype: torch.dtype
+    prediction_type: str
+
+
+# ==== 1. setup ===================================================================================
+
+
+def setup(args: argparse.Namespace) -> tuple[Accelerator, Path | None]:
+    """Accelerator, logging, embedded-default assets, the checkpoint to resume from, and the seed."""
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without a GPU starts N processes
+    # that would each train alone unless told to meet on the CPU (gloo): tell them.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = launched > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,  # None: the accelerate config / launcher decides
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        cpu=on_cpu,
+    )
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes}; they would "
+            "train separately. Check the accelerate config's distributed_type / use_cpu."
+        )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    quiet = logging.ERROR if not accelerator.is_local_main_process else logging.WARNING
+    transformers.utils.logging.set_verbosity(quiet)
+    diffusers.utils.logging.set_verbosity(quiet)
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.embedded:
+        with accelerator.main_process_first():
+            prepare_embedded_default(args, accelerator.is_main_process)
+
+    # Resolve the checkpoint now: a missing path must fail before minutes of model loading.
+    resume_dir = None
+    if args.resume_from_checkpoint:
+        resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if resume_dir is None:
+            accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet, starting from step 0")
+        else:
+            saved_seed = read_state(resume_dir, "progress")["seed"]
+            if args.seed is not None and args.seed != saved_seed:
+                raise CheckpointError(f"{resume_dir} was trained with --seed {saved_seed}, not {args.seed}")
+            args.seed = saved_seed
+    if args.seed is None:  # every process must use the same seed: draw it once, broadcast it
+        drawn = [random.SystemRandom().randrange(2**31)]
+        broadcast_object_list(drawn, from_process=0)
+        args.seed = int(drawn[0])
+    return accelerator, resume_dir
+
+
+def prepare_embedded_default(args: argparse.Namespace, is_main: bool) -> None:
+    """Point the run at the shipped tiny base + data, or (while absent) build stand-ins in the output folder."""
+    if (EMBEDDED_BASE / "model_index.json").is_file():
+        args.pretrained_model_name_or_path = str(EMBEDDED_BASE)
+    else:
+        from convlora.diffusion.tiny import save_tiny_pipeline
+
+        stand_in = Path(args.output_dir) / "embedded-stand-in" / "tiny-sd"
+        if is_main and not (stand_in / "model_index.json").is_file():
+            save_tiny_pipeline(stand_in, seed=0)
+        args.pretrained_model_name_or_path = str(stand_in)
+        logger.warning(f"{EMBEDDED_BASE} not found: using an untrained tiny pipeline built from configs ({stand_in})")
+    if args.train_data_dir is None and args.dataset_name is None:
+        if (EMBEDDED_DATA / "metadata.jsonl").is_file():
+            args.train_data_dir = str(EMBEDDED_DATA)
+        else:
+            stand_in = Path(args.output_dir) / "embedded-stand-in" / "images"
+            if is_main and not (stand_in / "metadata.jsonl").is_file():
+                write_toy_dataset(stand_in, n=32, size=args.resolution, caption=EMBEDDED_CONCEPT)
+            args.train_data_dir = str(stand_in)
+            logger.warning(f"{EMBEDDED_DATA} not found: using {stand_in} (generated discs captioned {EMBEDDED_CONCEPT!r})")
+
+
+# ==== 2. models ==================================================================================
+
+
+def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
+    """Load the pipeline parts, freeze them, add LoRA, and cast: frozen weights to the mixed-precision
+    dtype, LoRA parameters to float32."""
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    weights = {**common, "variant": args.variant, "torch_dtype": torch.float32}
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    prediction_type = noise_scheduler.config.prediction_type
+
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    vae.eval()
+    text_encoder.eval()
+
+    # The LoRA A matrices are initialised from the global RNG: the same seed gives the same start
+    # in every process and in a one-process run.
+    torch.manual_seed(sample_seed(args.seed, "lora-init"))
+    unet_config = unet_lora_config(
+        args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
+        conv_alpha=args.conv_alpha, dropout=args.lora_dropout,
+    )
+    adapted = inject_lora(unet, unet_config)
+    mark_only_lora_as_trainable(unet)
+    if args.train_text_encoder:
+        te_config = text_encoder_lora_config(args.text_encoder_preset, rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        adapted += inject_lora(text_encoder, te_config)
+        mark_only_lora_as_trainable(text_encoder)
+        text_encoder.train()
+    unet.train()
+
+    # Frozen weights in the accelerator's dtype (read from accelerate: the config file may set it),
+    # LoRA parameters in float32, so the optimizer and the fp16 grad scaler work on float32.
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    for model in (unet, vae, text_encoder):
+        cast_for_training(model, weight_dtype, accelerator.device)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    n_lora = sum(p.numel() for p in trainable_parameters(unet, text_encoder if args.train_text_encoder else None))
+    logger.info(f"LoRA on {len(adapted)} modules ({args.unet_preset} preset), {n_lora:,} trainable parameters; "
+                f"frozen weights {weight_dtype}, LoRA {adapter_dtypes(unet)}")
+    return Models(noise_scheduler, tokenizer, text_encoder, vae, unet, weight_dtype, prediction_type)
+
+
+def trainable_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    params = list(adapter_parameters(unet).values())
+    if text_encoder is not None:
+        params += list(adapter_parameters(text_encoder).values())
+    return params
+
+
+# ==== 3. data ====================================================================================
+
+
+def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> tuple[TextImageDataset, torch.utils.data.DataLoader]:
+    """The dataset (deterministic per seed, epoch and index) and its dataloader (not yet prepared)."""
+    if args.dataset_name is not None:
+        source = load_hf_source(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
+                                data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    else:
+        source = read_image_folder(args.train_data_dir, caption_column=args.caption_column)
+    if args.max_train_samples is not None:
+        from convlora.training.data import ListSource
+
+        source = ListSource([source[i] for i in range(min(args.max_train_samples, len(source)))], source.description)
+    dataset = TextImageDataset(
+        source, clip_tokenize(models.tokenizer), args.resolution, center_crop=args.center_crop,
+        random_flip=args.random_flip, caption_dropout=args.caption_dropout, seed=args.seed,
+    )
+    if args.cache_latents:
+        vae = models.vae
+
+        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dist = vae.encode(pixels.to(accelerator.device, dtype=models.weight_dtype)).latent_dist
+            return dist.mean, dist.std
+
+        bar = tqdm(total=len(dataset), desc="Caching latents", disable=not accelerator.is_local_main_process)
+        dataset.use_cached_latents(cache_latents(dataset, encode, batch_size=args.train_batch_size, progress=bar.update))
+        bar.close()
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=EpochShuffleSampler(len(dataset), seed=args.seed),
+        batch_size=args.train_batch_size,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    return dataset, dataloader
+
+
+# ==== 4. optimizer, schedule, resume =============================================================
+
+
+def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: Models, params_unet, params_te):
+    """AdamW (or 8-bit AdamW) over the LoRA parameters only, with the text encoder's own learning rate."""
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
+    lr = args.learning_rate * scale
+    te_lr = (args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate) * scale
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    groups = [{"params": params_unet, "lr": lr}]
+    if params_te:
+        groups.append({"params": params_te, "lr": te_lr})
+    return optimizer_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def save_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler, progress: dict) -> None:
+    """Everything a resumed run needs, without pickles: LoRA weights (convlora files), optimizer and
+    scheduler state (safetensors + JSON), progress (step, epoch, losses, seed)."""
+    save_lora(accelerator.unwrap_model(unet), folder / "unet_lora.safetensors")
+    if text_encoder is not None:
+        save_lora(accelerator.unwrap_model(text_encoder), folder / "text_encoder_lora.safetensors")
+    write_state(folder, "optimizer", optimizer.state_dict())
+    write_state(folder, "lr_scheduler", lr_scheduler.state_dict())
+    if accelerator.scaler is not None:
+        write_state(folder, "grad_scaler", accelerator.scaler.state_dict())
+    write_state(folder, "progress", progress)
+
+
+def load_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler) -> dict:
+    """Inverse of :func:`save_training_state`; returns the progress dict."""
+    load_lora(accelerator.unwrap_model(unet), folder / "unet_lora.safetensors")
+    te_file = folder / "text_encoder_lora.safetensors"
+    if (text_encoder is not None) != te_file.is_file():
+        raise CheckpointError(f"{folder}: the text encoder was {'' if te_file.is_file() else 'not '}trained in that run; "
+                              f"pass {'' if te_file.is_file() else 'no '}--train_text_encoder")
+    if text_encoder is not None:
+        load_lora(accelerator.unwrap_model(text_encoder), te_file)
+    optimizer.load_state_dict(read_state(folder, "optimizer"))
+    lr_scheduler.load_state_dict(read_state(folder, "lr_scheduler"))
+    if accelerator.scaler is not None and (folder / "grad_scaler.json").is_file():
+        accelerator.scaler.load_state_dict(read_state(folder, "grad_scaler"))
+    return read_state(folder, "progress")
+
+
+# ==== validation =================================================================================
+
+
+def validation_pipeline(args, accelerator, models: Models, unet, text_encoder) -> StableDiffusionPipeline:
+    """A pipeline around the models in memory (nothing reloaded, nothing cast), with the folder's own
+    sampling scheduler."""
+    index = json.loads(Path(args.pretrained_model_name_or_path, "model_index.json").read_text()) \
+        if Path(args.pretrained_model_name_or_path, "model_index.json").is_file() else {}
+    scheduler_class = getattr(diffusers, index.get("scheduler", [None, "DDPMScheduler"])[1], DDPMScheduler)
+    scheduler = scheduler_class.from_config(models.noise_scheduler.config)
+    pipeline = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=models.tokenizer,
+        unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def sample_images(pipeline: StableDiffusionPipeline, args) -> list[list[Image.Image]]:
+    """``num_validation_images`` images per validation prompt, image ``i`` always from seed ``seed + i``."""
+    rows = []
+    for prompt in args.validation_prompt:
+        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+        out = pipeline(
+            [prompt] * args.num_validation_images, generator=generators, height=args.resolution, width=args.resolution,
+            num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+        )
+        rows.append(out.images)
+    return rows
+
+
+def run_validation(args, accelerator, models: Models, unet, text_encoder, step: int, base_rows, final: bool = False):
+    """Sample the validation prompts with LoRA (and, the first time, without), save the PNG grid and
+    log it. Returns ``(base_rows, lora_rows, grid_path, scores)``.
+
+    ``eval()`` merges LoRA into the weights (inference at base speed, no cast of any trained
+    module); ``train()`` afterwards restores the exact training weights.
+    """
+    pipeline = validation_pipeline(args, accelerator, models, unet, text_encoder)
+    trained = [accelerator.unwrap_model(unet)] + ([accelerator.unwrap_model(text_encoder)] if args.train_text_encoder else [])
+    for model in trained:
+        model.eval()
+    try:
+        # autocast: the prepared UNet returns float32 (accelerate's wrapper) to a half-precision VAE
+        with accelerator.autocast():
+            lora_rows = sample_images(pipeline, args)
+            if base_rows is None:
+                with contextlib.ExitStack() as stack:
+                    for model in trained:
+                        stack.enter_context(disable_lora(model))
+                    base_rows = sample_images(pipeline, args)
+    finally:
+        for model in trained:
+            model.train()
+    grid = make_grid(base_rows, lora_rows, args.validation_prompt, step)
+    grid_path = Path(args.output_dir, "validation", "final.png" if final else f"step-{step:06d}.png")
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(grid_path)
+    scores = concept_scores(args, base_rows, lora_rows)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
+            for prompt, images in zip(args.validation_prompt, lora_rows):
+                tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    if scores:
+        accelerator.log({f"concept_score/{c}": s["lora"] for c, s in scores.items()}, step=step)
+    return base_rows, lora_rows, grid_path, scores
+
+
+def concept_scores(args, base_rows, lora_rows) -> dict[str, dict[str, float]]:
+    """Share of each prompt's images the Fashion-MNIST classifier recognises as its class, base vs LoRA."""
+    if not args.validation_score_classes:
+        return {}
+    from convlora.diffusion.fashion import concept_score, load_classifier
+
+    classifier = load_classifier()
+    scores = {}
+    for prompt, cls, base, lora in zip(args.validation_prompt, args.validation_score_classes, base_rows, lora_rows):
+        if cls != "-":
+            scores[cls] = {"prompt": prompt, "base": concept_score(base, cls, classifier), "lora": concept_score(lora, cls, classifier)}
+    return scores
+
+
+def make_grid(base_rows, lora_rows, prompts, step: int) -> Image.Image:
+    """One row per prompt: the base model's images, a gap, the LoRA model's images (same seeds)."""
+    n = len(lora_rows[0])
+    side = lora_rows[0][0].width
+    tile = max(side, 96)  # upscale tiny images so the grid is readable
+    label_w, gap, header = 220, 16, 22
+    width = label_w + 2 * n * tile + gap
+    grid = Image.new("RGB", (width, header + len(prompts) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_w, 4), "base (no LoRA)", fill="black")
+    draw.text((label_w + n * tile + gap, 4), f"LoRA, step {step}", fill="black")
+    for r, (prompt, base, lora) in enumerate(zip(prompts, base_rows, lora_rows)):
+        y = header + r * tile
+        draw.text((4, y + tile // 2 - 6), prompt[:34], fill="black")
+        for c, image in enumerate(base):
+            grid.paste(image.resize((tile, tile), Image.NEAREST), (label_w + c * tile, y))
+        for c, image in enumerate(lora):
+            grid.paste(image.resize((tile, tile), Image.NEAREST), (label_w + n * tile + gap + c * tile, y))
+    return grid
+
+
+# ==== main =======================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.time()
+    args = parse_args(argv)
+
+    # ---- 1. setup ------------------------------------------------------------------------------
+    accelerator, resume_dir = setup(args)
+
+    # ---- 2. models -----------------------------------------------------------------------------
+    models = load_models(args, accelerator)
+    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    params_unet = list(adapter_parameters(unet).values())
+    params_te = list(adapter_parameters(text_encoder).values()) if args.train_text_encoder else []
+
+    # ---- 3. data -------------------------------------------------------------------------------
+    dataset, train_dataloader = build_data(args, accelerator, models)
+
+    # ---- 4. optimizer, LR schedule, prepare, resume --------------------------------------------
+    optimizer = build_optimizer(args, accelerator, models, params_unet, params_te)
+    batches_per_epoch = math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # Stepped by this script once per optimizer step (not by accelerate once per process), so
+    # the schedule is the same for any number of processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, train_dataloader = accelerator.prepare(unet, text_encoder, optimizer, train_dataloader)
+    else:
+        unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    if len(train_dataloader) != batches_per_epoch:
+        raise RuntimeError(f"expected {batches_per_epoch} batches per epoch per process, accelerate gives {len(train_dataloader)}")
+    trained_models = [unet] + ([text_encoder] if args.train_text_encoder else [])
+    params = params_unet + params_te
+
+    progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
+    if resume_dir is not None:
+        progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                       optimizer, lr_scheduler)
+        accelerator.print(f"Resumed from {resume_dir} at step {progress['global_step']}")
+    global_step = progress["global_step"]
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("text2image-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                              for k, v in vars(args).items()})
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Training: {len(dataset)} images, {args.max_train_steps} steps ({args.num_train_epochs} epochs), "
+                f"batch {args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation = {total_batch}, mixed precision "
+                f"{accelerator.mixed_precision}, seed {args.seed} *****")
+
+    # ---- 5. train loop -------------------------------------------------------------------------
+    latent_shape = (vae.config.latent_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
+    alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
+    base_rows, outputs, scores = None, {}, {}
+    checkpoints, consecutive_nonfinite = [], 0
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    window_losses: list[torch.Tensor] = []  # the gathered losses of the batches of one optimizer step
+
+    epoch = first_epoch
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for model in trained_models:
+            model.train()
+        loader, skipped_batches = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            loader, skipped_batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
+        loader.set_epoch(epoch)  # the shuffle order and every per-sample draw depend on it
+        for batch_in_epoch, batch in enumerate(loader, start=skipped_batches):
+            # The global RNG only drives LoRA dropout; seeding it per batch keeps resume exact.
+            torch.manual_seed(sample_seed(args.seed, "batch", epoch, batch_in_epoch, accelerator.process_index))
+            with accelerator.accumulate(*trained_models):
+                # (a) latents: the VAE posterior sampled with this sample's own noise
+                draws = draw_step_noise(batch["index"].cpu(), epoch, args.seed, latent_shape,
+                                        models.noise_scheduler.config.num_train_timesteps, args.noise_offset).to(accelerator.device)
+                with torch.no_grad():
+                    if "latent_mean" in batch:
+                        mean, std = batch["latent_mean"], batch["latent_std"]
+                    else:
+                        posterior = vae.encode(batch["pixel_values"].to(dtype=models.weight_dtype)).latent_dist
+                        mean, std = posterior.mean, posterior.std
+                    latents = (mean.float() + std.float() * draws.latent_eps) * vae.config.scaling_factor
+                # (b) forward diffusion: noise the latents at a random timestep
+                noisy_latents = models.noise_scheduler.add_noise(latents, draws.noise, draws.timesteps)
+                # (c) text conditioning (no graph through a frozen text encoder)
+                with contextlib.nullcontext() if args.train_text_encoder else torch.no_grad():
+                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                # (d) predict and compare with the target (noise, velocity or x0)
+                target = training_target(models.noise_scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
+                model_pred = unet(noisy_latents, draws.timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = diffusion_loss(model_pred, target, draws.timesteps, alphas_cumprod, args.snr_gamma, models.prediction_type)
+                # (e) every process's loss, for the log and for the same skip decision everywhere
+                window_losses.append(accelerator.gather(loss.detach().reshape(1)))
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                losses = torch.cat(window_losses)
+                finite = bool(torch.isfinite(losses).all()) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+                # (f) update: a non-finite step is skipped (with fp16 the grad scaler skips it itself
+                # and lowers its scale, so it must still see the step)
+                if finite or accelerator.scaler is not None:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step is complete ----
+            global_step += 1
+            window_losses = []
+            step_loss = float(losses.mean())
+            skipped = not finite or bool(getattr(optimizer, "step_was_skipped", False))
+            if not skipped:
+                lr_scheduler.step()
+            progress["global_step"] = global_step
+            progress["losses"].append(step_loss if finite else None)
+            progress["learning_rates"].append(lr_scheduler.get_last_lr()[0])
+            if skipped:
+                progress["skipped_steps"].append(global_step)
+            if finite:
+                consecutive_nonfinite = 0
+            else:
+                consecutive_nonfinite += 1
+                logger.warning(f"step {global_step}: loss is {step_loss} (non-finite); the update was skipped")
+                if consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"the loss was NaN/inf in {consecutive_nonfinite} steps in a row (up to step {global_step}); "
+                        f"stopping. Nothing with non-finite values was saved; the last checkpoint is "
+                        f"{checkpoints[-1] if checkpoints else 'none'}. Try a lower --learning_rate, "
+                        "--mixed_precision bf16 or no, or check the data."
+                    )
+            progress_bar.update(1)
+            progress_bar.set_postfix(step=global_step, loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"train_loss": step_loss if finite else float("nan"), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                path = save_checkpoint(
+                    args.output_dir, global_step,
+                    lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                                       optimizer, lr_scheduler, progress),
+                    total_limit=args.checkpoints_total_limit,
+                )
+                checkpoints.append(path)
+                logger.info(f"Saved checkpoint {path}")
+            if (args.validation_prompt and accelerator.is_main_process and args.validation_steps
+                    and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
+                base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
+                outputs["validation grid"] = grid_path
+            if global_step >= args.max_train_steps:
+                break
+
+        if (args.validation_prompt and accelerator.is_main_process and not args.validation_steps
+                and (epoch + 1) % args.validation_epochs == 0 and global_step < args.max_train_steps):
+            base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
+            outputs["validation grid"] = grid_path
+        if global_step >= args.max_train_steps:
+            break
+    progress_bar.close()
+
+    # ---- 6. save -------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        final_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
+        metadata = training_metadata(
+            base_model=args.pretrained_model_name_or_path, unet_preset=args.unet_preset, rank=args.rank,
+            alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
+            conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, steps=global_step, epochs=epoch + 1,
+            resolution=args.resolution, num_train_images=len(dataset), train_data=args.train_data_dir or args.dataset_name,
+            text_encoder_preset=args.text_encoder_preset if args.train_text_encoder else None,
+            extra={
+                "learning_rate": args.learning_rate, "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None,
+                "lr_scheduler": args.lr_scheduler, "total_batch_size": total_batch, "mixed_precision": accelerator.mixed_precision,
+                "seed": args.seed, "prediction_type": models.prediction_type, "snr_gamma": args.snr_gamma,
+                "noise_offset": args.noise_offset, "caption_dropout": args.caption_dropout,
+            },
+            kohya_extra={
+                "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None,
+                "ss_lr_scheduler": args.lr_scheduler, "ss_lr_warmup_steps": args.lr_warmup_steps,
+                "ss_max_train_steps": args.max_train_steps, "ss_batch_size_per_device": args.train_batch_size,
+                "ss_total_batch_size": total_batch, "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "ss_mixed_precision": accelerator.mixed_precision, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
+                "ss_min_snr_gamma": args.snr_gamma, "ss_caption_dropout_rate": args.caption_dropout,
+                "ss_cache_latents": args.cache_latents, "ss_flip_aug": args.random_flip, "ss_random_crop": not args.center_crop,
+                "ss_network_dropout": args.lora_dropout, "ss_max_grad_norm": args.max_grad_norm,
+                "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if args.use_8bit_adam else "torch.optim.AdamW",
+                "ss_dataset_dirs": {Path(args.train_data_dir or args.dataset_name).name: {"n_repeats": 1, "img_count": len(dataset)}},
+            },
+        )
+        files = {"diffusers": Path(args.output_dir, "pytorch_lora_weights.safetensors"),
+                 "kohya": Path(args.output_dir, f"{args.output_name}_kohya.safetensors"),
+                 "native": Path(args.output_dir, f"{args.output_name}_convlora.safetensors")}
+        for fmt in args.save_format:
+            written = save_pipeline_lora(files[fmt], unet=final_unet, text_encoder=final_te, format=fmt, metadata=metadata)
+            outputs[f"LoRA ({fmt})"] = written
+        if args.validation_prompt:
+            base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows, final=True)
+            outputs["validation grid"] = grid_path
+        kept = list_checkpoints(args.output_dir)
+        if kept:
+            outputs["checkpoints"] = ", ".join(str(path) for _, path in kept)
+        if accelerator.trackers:
+            outputs["tensorboard"] = f"{Path(args.output_dir, args.logging_dir)}  (tensorboard --logdir {Path(args.output_dir, args.logging_dir)})"
+        summary = {
+            **progress,
+            "max_train_steps": args.max_train_steps,
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "dtypes": {"unet": parameter_dtypes(final_unet), "vae": parameter_dtypes(vae),
+                       "text_encoder": parameter_dtypes(accelerator.unwrap_model(text_encoder))},
+            "concept_scores": scores,
+            "base_model": args.pretrained_model_name_or_path,
+            "train_data": args.train_data_dir or args.dataset_name,
+            "num_train_images": len(dataset),
+            "seconds": round(time.time() - started, 1),
+            "outputs": {k: str(v) for k, v in outputs.items()},
+        }
+        summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
+        print_outputs(args, outputs, summary_path, scores, summary["seconds"])
+    accelerator.end_training()
+    return summary
+
+
+def vae_scale(vae: AutoencoderKL) -> int:
+    """Pixels per latent pixel (8 for SD, 4 for the tiny base)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def print_outputs(args, outputs: dict, summary_path: Path, scores: dict, seconds: float) -> None:
+    print(f"\nDone in {seconds:.0f} s. Outputs in {args.output_dir}:")
+    for name, path in outputs.items():
+        print(f"  {name + ':':<20} {path}")
+    print(f"  {'summary:':<20} {summary_path}")
+    for cls, s in scores.items():
+        print(f"  concept score {cls!r} ({s['prompt']!r}): base {s['base']:.2f} -> LoRA {s['lora']:.2f}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for too many steps in a row."""
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (NonFiniteLossError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
