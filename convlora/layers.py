@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
+from convlora import fused
 from convlora.state import delta_weight, scaling_for
 
 _WARNED: set[str] = set()
@@ -303,6 +304,11 @@ class Linear(LoRALayer, nn.Linear):
         # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, out) -> (..., out)
         return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
+    def _adapted_forward(self, x):
+        if fused.fused_supported(self, x):
+            return fused.linear_lora_forward(self, x)
+        return super()._adapted_forward(x)
+
 
 class _ConvLoRA(LoRALayer):
     """Shared by Conv1d/2d/3d: nothing here assumes a number of spatial dimensions.
@@ -312,6 +318,11 @@ class _ConvLoRA(LoRALayer):
     For ``groups = g > 1`` A is shared by the groups: the A branch is a grouped conv with A repeated
     g times, ``(g*r, C_in/g, *k)``, and B a grouped 1×1 conv, ``(C_out, r, *1s)``; together they
     equal a conv with ``ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...]`` — the same formula as the merge.
+
+    In training on CPU the unmerged forward/backward runs through :mod:`convlora.fused` (one
+    convolution for ``W`` and ``A`` together, no gradient for the frozen weight); it reads the same
+    geometry from the layer (:func:`convlora.fused.conv_geometry`, resolved as ``_conv_forward``
+    resolves it) and is tested equal to this formula for every geometry.
     """
 
     def _lora_shapes(self, r):
@@ -324,6 +335,11 @@ class _ConvLoRA(LoRALayer):
             lora_A = lora_A.repeat(self.groups, *(1,) * (lora_A.dim() - 1))  # (g*r, C_in/g, *k)
         hidden = self._conv_forward(x, lora_A, None)  # (N, g*r, *spatial_out)
         return _CONV_FN[len(self.kernel_size)](hidden * self.scaling, self.lora_B, groups=self.groups)
+
+    def _adapted_forward(self, x):
+        if fused.fused_supported(self, x):
+            return fused.conv_lora_forward(self, x)
+        return super()._adapted_forward(x)
 
     @property
     def is_spatial(self) -> bool:
