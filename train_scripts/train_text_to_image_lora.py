@@ -123,6 +123,15 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: ...)" only where the help does not already say it and there is a value."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def default(name: str) -> str:
         own, embedded = MODE_DEFAULTS[name]
@@ -130,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(
         description="Train a text-to-image LoRA (attention + conv) with accelerate. No arguments: the embedded demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
@@ -842,7 +851,8 @@ def vae_scale(vae: AutoencoderKL) -> int:
 
 def print_outputs(args, outputs: dict, summary_path: Path, scores: dict, seconds: float) -> None:
     print(f"\nDone in {seconds:.0f} s. Outputs in {args.output_dir}:")
-    for name, path in outputs.items():
+    order = ["LoRA", "validation grid", "checkpoints", "tensorboard"]
+    for name, path in sorted(outputs.items(), key=lambda kv: next(i for i, o in enumerate(order + [""]) if kv[0].startswith(o))):
         print(f"  {name + ':':<20} {path}")
     print(f"  {'summary:':<20} {summary_path}")
     for cls, s in scores.items():

@@ -46,7 +46,10 @@ def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
 
 def cast_for_training(model: nn.Module, weight_dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """Move ``model`` to ``device`` with its frozen weights in ``weight_dtype`` and its LoRA parameters in float32."""
-    model.to(device=device, dtype=weight_dtype)
+    if device is not None:
+        model.to(device)
+    if any(p.dtype != weight_dtype for p in model.parameters()):
+        model.to(dtype=weight_dtype)  # only when needed: diffusers warns on every dtype cast
     if lora_layers(model):
         cast_lora_params(model, torch.float32)
 
