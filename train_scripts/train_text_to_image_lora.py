@@ -591,24 +591,24 @@ def concept_scores(args, base_rows, lora_rows) -> dict[str, dict[str, float]]:
     return scores
 
 
-def make_grid(base_rows, lora_rows, prompts, step: int) -> Image.Image:
-    """One row per prompt: the base model's images, a gap, the LoRA model's images (same seeds)."""
+def make_grid(base_rows, lora_rows, prompts, step: int, per_line: int = 8) -> Image.Image:
+    """For each prompt: the base model's images, a gap, the LoRA model's images (same seeds),
+    ``per_line`` images per side on a line (more images wrap onto further lines)."""
     n = len(lora_rows[0])
-    side = lora_rows[0][0].width
-    tile = max(side, 96)  # upscale tiny images so the grid is readable
-    label_w, gap, header = 220, 16, 22
-    width = label_w + 2 * n * tile + gap
-    grid = Image.new("RGB", (width, header + len(prompts) * tile), "white")
+    cols, lines = min(n, per_line), math.ceil(n / per_line)
+    tile = max(lora_rows[0][0].width, 96)  # upscale tiny images so the grid is readable
+    label_w, gap, header, row_gap = 220, 16, 22, 8
+    block = lines * tile + row_gap  # one prompt's lines
+    grid = Image.new("RGB", (label_w + 2 * cols * tile + gap, header + len(prompts) * block - row_gap), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label_w, 4), "base (no LoRA)", fill="black")
-    draw.text((label_w + n * tile + gap, 4), f"LoRA, step {step}", fill="black")
+    draw.text((label_w + cols * tile + gap, 4), f"LoRA, step {step}", fill="black")
     for r, (prompt, base, lora) in enumerate(zip(prompts, base_rows, lora_rows)):
-        y = header + r * tile
-        draw.text((4, y + tile // 2 - 6), prompt[:34], fill="black")
-        for c, image in enumerate(base):
-            grid.paste(image.resize((tile, tile), Image.NEAREST), (label_w + c * tile, y))
-        for c, image in enumerate(lora):
-            grid.paste(image.resize((tile, tile), Image.NEAREST), (label_w + n * tile + gap + c * tile, y))
+        top = header + r * block
+        draw.text((4, top + lines * tile // 2 - 6), prompt[:34], fill="black")
+        for side_x, images in ((label_w, base), (label_w + cols * tile + gap, lora)):
+            for i, image in enumerate(images):
+                grid.paste(image.resize((tile, tile), Image.NEAREST), (side_x + (i % cols) * tile, top + (i // cols) * tile))
     return grid
 
 
