@@ -156,6 +156,8 @@ def _per_group_B(lora_B: torch.Tensor, groups: int, n: int) -> torch.Tensor:
     """``B`` as a batch of per-group matrices, repeated over the batch: (N*g, C_out/g, r)."""
     c_out, r = lora_B.shape[:2]
     b = lora_B.reshape(groups, c_out // groups, r)
+    if groups == 1:
+        return b.expand(n, c_out, r)  # no copy
     return b.repeat(n, 1, 1) if n > 1 else b
 
 
@@ -237,10 +239,11 @@ class _ConvLoRAFunction(torch.autograd.Function):
 def _lora_hidden(x, lora_A, conv_args, pointwise):
     """``h = conv_g(x, A repeated per group)``: (N, g*r, *S_out)."""
     if pointwise:
-        # (r, C_in) @ (N, C_in, L) -> (N, r, L)
-        return torch.matmul(lora_A.reshape(lora_A.shape[0], -1), x.reshape(x.shape[0], x.shape[1], -1)).view(
-            x.shape[0], lora_A.shape[0], *x.shape[2:]
-        )
+        # (N, r, C_in) @ (N, C_in, L) -> (N, r, L); bmm, not matmul: matmul would fold this into the
+        # slow (N*L, C_in) @ (C_in, r) orientation and copy x transposed first.
+        n, r = x.shape[0], lora_A.shape[0]
+        a = lora_A.reshape(1, r, -1).expand(n, r, x.shape[1])
+        return torch.bmm(a, x.reshape(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
     groups = conv_args[-1]
     a_rep = lora_A.repeat(groups, *(1,) * (lora_A.dim() - 1)) if groups > 1 else lora_A
     return torch.ops.aten.convolution(x, a_rep, None, *conv_args)
