@@ -1,0 +1,48 @@
+"""The benchmark's smoke run (what CI runs instead of the timing): every workload and variant builds,
+convlora and PEFT agree on each model, and the JSON report has every row the README table needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lora.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_lora", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_lora"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_lora", None)
+
+
+def test_smoke_run_writes_the_full_report(bench, tmp_path):
+    out = tmp_path / "smoke.json"
+    report = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["settings"]["smoke"] and report["settings"]["repeats"] == 1
+    assert {"cpu", "torch", "peft", "diffusers", "torch_threads"} <= report["machine"].keys()
+    assert set(report["results"]) == {"unet-tiny", "cnn2d", "cnn1d", "cnn3d"}
+    unet = report["results"]["unet-tiny"]
+    assert list(unet["train"]) == ["frozen floor", "convlora attn", "peft attn", "convlora full", "peft full",
+                                   "full fine-tuning"]
+    assert list(unet["infer"]) == ["base", "convlora merged (eval)", "convlora unmerged", "peft unmerged"]
+    for result in report["results"].values():
+        for row in result["train"].values():
+            assert row["ms_median"] > 0 and row["x_floor"] > 0
+            assert row["memory"]["saved_plus_grads_mib"] > 0
+        assert result["train"]["frozen floor"]["memory"]["grads_mib"] == 0
+    assert unet["train"]["convlora full"]["x_peft"] > 0
+    assert {g["model"] for g in report["goals"].values()} == {"unet-tiny"}
+
+
+def test_unknown_workload_is_refused(bench):
+    with pytest.raises(SystemExit, match="unknown workload"):
+        bench.main(["--smoke", "--models", "unet-huge"])
