@@ -21,15 +21,35 @@ from convlora.diffusion import (
 )
 from convlora.formats import LoRAFormatError
 from convlora.io import read_safetensors, write_safetensors
-from convlora.testing import randomize_lora_
+from convlora.testing import randomize_lora_, relative_error
 
 TOL = 1e-5
+# The tiny CLIP text encoder (frozen random, initializer_factor 10) amplifies float32 rounding through
+# its 5 layers: merged vs unmerged differ by up to ~1.9e-5 relative there (the UNet: ~1e-6). Text
+# encoders are therefore also compared in float64 at TOL, where only a real difference can show.
+TE_FP32_REL_TOL = 5e-5
 METADATA = {"base_model": "tiny-sd", "unet_preset": "full", "steps": "500"}
 
 
 def _outputs(pipe, unet_inputs, token_ids):
     with torch.no_grad():
         return pipe.unet(*unet_inputs).sample, pipe.text_encoder(token_ids)[0]
+
+
+def _text_encoder_out64(text_encoder, token_ids):
+    """The text encoder's output in float64 (LoRA unmerged, so no float32 merge rounding is carried in)."""
+    model = copy.deepcopy(text_encoder).double()
+    for layer in convlora.lora_layers(model).values():
+        layer.unmerge()
+    with torch.no_grad():
+        return model(token_ids)[0]
+
+
+def _assert_text_encoders_agree(theirs, ours, token_ids):
+    with torch.no_grad():
+        their32, our32 = theirs(token_ids)[0], ours(token_ids)[0]
+    assert relative_error(their32, our32) < TE_FP32_REL_TOL
+    assert (_text_encoder_out64(theirs, token_ids) - _text_encoder_out64(ours, token_ids)).abs().max() < TOL
 
 
 def _adapted_pipeline(template, preset: str):
@@ -49,7 +69,7 @@ def _adapted_pipeline(template, preset: str):
 @pytest.mark.parametrize("preset", ["attn", "attn-ff", "full"])
 def test_diffusers_load_lora_weights_reproduces_convlora(fmt, preset, _tiny_pipeline_template, unet_inputs, token_ids, tmp_path):
     ours = _adapted_pipeline(_tiny_pipeline_template, preset)
-    unet_out, te_out = _outputs(ours, unet_inputs, token_ids)  # eval mode: merged
+    unet_out, _ = _outputs(ours, unet_inputs, token_ids)  # eval mode: merged
     base_unet_out, _ = _outputs(_tiny_pipeline_template, unet_inputs, token_ids)
     assert (unet_out - base_unet_out).abs().max() > 1e-2  # the adapter matters
     path = save_pipeline_lora(
@@ -62,10 +82,11 @@ def test_diffusers_load_lora_weights_reproduces_convlora(fmt, preset, _tiny_pipe
     theirs.load_lora_weights(str(path))
     their_unet, their_te = _outputs(theirs, unet_inputs, token_ids)
     assert (their_unet - unet_out).abs().max() < TOL
-    assert (their_te - te_out).abs().max() < TOL
+    _assert_text_encoders_agree(theirs.text_encoder, ours.text_encoder, token_ids)  # ours merged
     with convlora.temporarily_unmerged([*convlora.lora_layers(ours.unet).values(), *convlora.lora_layers(ours.text_encoder).values()]):
-        unmerged_unet, unmerged_te = _outputs(ours, unet_inputs, token_ids)
-    assert (their_unet - unmerged_unet).abs().max() < TOL and (their_te - unmerged_te).abs().max() < TOL
+        unmerged_unet, _ = _outputs(ours, unet_inputs, token_ids)
+        _assert_text_encoders_agree(theirs.text_encoder, ours.text_encoder, token_ids)  # ours unmerged
+    assert (their_unet - unmerged_unet).abs().max() < TOL
 
     # ... and convlora reads its own export back onto a fresh pipeline exactly
     again = copy.deepcopy(_tiny_pipeline_template)
@@ -123,7 +144,8 @@ def test_diffusers_trained_file_loads_into_convlora(_tiny_pipeline_template, une
     assert (layers["down_blocks.0.resnets.0.conv1"].r, layers["down_blocks.0.resnets.0.conv1"].lora_alpha) == (2, 8.0)
     assert layers["down_blocks.0.resnets.0.conv2"].lora_alpha == 3.0
     got = _outputs(ours, unet_inputs, token_ids)
-    assert (got[0] - expected[0]).abs().max() < TOL and (got[1] - expected[1]).abs().max() < TOL
+    assert (got[0] - expected[0]).abs().max() < TOL
+    _assert_text_encoders_agree(theirs.text_encoder, ours.text_encoder, token_ids)
 
 
 def test_kohya_trained_file_loads_into_convlora(_tiny_pipeline_template, unet_inputs, token_ids, tmp_path):
@@ -159,7 +181,8 @@ def test_kohya_trained_file_loads_into_convlora(_tiny_pipeline_template, unet_in
     assert info["format"] == "kohya" and sorted(info["unet"]) == sorted(targets)
     assert info["text_encoder"] == ["encoder.layers.1.mlp.fc2"]
     got = _outputs(ours, unet_inputs, token_ids)
-    assert (got[0] - expected[0]).abs().max() < TOL and (got[1] - expected[1]).abs().max() < TOL
+    assert (got[0] - expected[0]).abs().max() < TOL
+    _assert_text_encoders_agree(theirs.text_encoder, ours.text_encoder, token_ids)
 
 
 def _randomize_peft(model, seed):
