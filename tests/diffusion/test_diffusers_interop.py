@@ -69,7 +69,7 @@ def _adapted_pipeline(template, preset: str):
 @pytest.mark.parametrize("preset", ["attn", "attn-ff", "full"])
 def test_diffusers_load_lora_weights_reproduces_convlora(fmt, preset, _tiny_pipeline_template, unet_inputs, token_ids, tmp_path):
     ours = _adapted_pipeline(_tiny_pipeline_template, preset)
-    unet_out, _ = _outputs(ours, unet_inputs, token_ids)  # eval mode: merged
+    unet_out, te_out = _outputs(ours, unet_inputs, token_ids)  # eval mode: merged
     base_unet_out, _ = _outputs(_tiny_pipeline_template, unet_inputs, token_ids)
     assert (unet_out - base_unet_out).abs().max() > 1e-2  # the adapter matters
     path = save_pipeline_lora(
