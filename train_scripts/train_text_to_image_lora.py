@@ -116,7 +116,8 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "random_flip": (False, True),
     "validation_epochs": (1, 1000),
     "num_validation_images": (4, 16),
-    "validation_guidance_scale": (7.5, 3.0),
+    "validation_guidance_scale": (7.5, 4.0),
+    "validation_inference_steps": (30, 50),
     "checkpointing_steps": (500, 1000),
     "seed": (None, 0),
     "output_dir": ("out/text-to-image-lora", "out/sks-bag-lora"),
@@ -237,7 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_validation_images", type=int, default=None, help="Images per prompt " + default("num_validation_images"))
     g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs " + default("validation_epochs"))
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps (instead of epochs).")
-    g.add_argument("--validation_inference_steps", type=int, default=30, help="Denoising steps per validation image.")
+    g.add_argument("--validation_inference_steps", type=int, default=None,
+                   help="Denoising steps per validation image " + default("validation_inference_steps"))
     g.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="Classifier-free guidance scale at validation " + default("validation_guidance_scale"))
     g.add_argument("--validation_score_classes", type=str, nargs="+", default=None,
