@@ -169,3 +169,14 @@ def test_reserved_metadata_keys_refused(tmp_path):
         convlora.save_lora(adapted(), tmp_path / "a.safetensors", metadata={"convlora_config": "{}"})
     with pytest.raises(ValueError, match="has no LoRA layers"):
         convlora.save_lora(make_model(), tmp_path / "b.safetensors")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = convlora.save_lora(adapted(), tmp_path / "a.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
