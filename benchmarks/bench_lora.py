@@ -23,9 +23,12 @@ round-robin in a rotating order, for ``--repeats`` rounds after ``--warmup`` unt
       via ``/proc/self/clear_refs``, after ``malloc_trim``) minus the resident set before it — what
       the OS saw, including temporaries and allocator slack (noisier; Linux only).
 
-Times are wall-clock medians (and minimum) over the repeats; the CPU time of the process
+Times are wall-clock medians (and minimum) over the repeats (inference: three samples per round);
+ratios are medians of per-round ratios (a variant against the reference measured seconds apart, which
+cancels most of the drift in other jobs' load); the CPU time of the process
 (``time.process_time``, both threads) is recorded too, since other jobs on shared cores inflate
-wall time. ``OMP_WAIT_POLICY`` is set to ``PASSIVE`` unless already set (why: at the import of torch). The load average before and after each model is recorded with the results.
+wall time. ``OMP_WAIT_POLICY`` is set to ``PASSIVE`` unless already set (why: at the import of
+torch). The load average before and after each model is recorded with the results.
 
 Results are printed as a table and written as JSON (``--out``, default
 ``benchmarks/results/latest.json``; the smoke run writes only where ``--out`` says).
@@ -66,6 +69,7 @@ import convlora  # noqa: E402
 from convlora.testing import randomize_lora_  # noqa: E402
 
 RANK, ALPHA = 8, 8.0
+INFER_SAMPLES_PER_ROUND = 3
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "latest.json"
 
 
@@ -384,7 +388,7 @@ def _summary(samples: list[tuple[float, float]]) -> dict[str, float]:
     walls = [s[0] * 1e3 for s in samples]
     cpus = [s[1] * 1e3 for s in samples]
     return {"ms_median": statistics.median(walls), "ms_min": min(walls), "cpu_ms_median": statistics.median(cpus),
-            "ms_all": [round(v, 2) for v in walls]}
+            "ms_all": [round(v, 2) for v in walls], "cpu_ms_all": [round(v, 2) for v in cpus]}
 
 
 def run_workload(w: Workload, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -410,8 +414,10 @@ def run_workload(w: Workload, args, device: torch.device, dtype: torch.dtype) ->
     for round_index in range(args.repeats):
         shift = round_index % len(keys)  # rotate the order so no variant always runs first
         for key in keys[shift:] + keys[:shift]:
-            samples[key].append(_timed(steps[key], device))
-            resets.get(key, lambda: None)()
+            # inference steps are short and their ratios small: three samples per round
+            for _ in range(1 if key.startswith("train/") else INFER_SAMPLES_PER_ROUND):
+                samples[key].append(_timed(steps[key], device))
+                resets.get(key, lambda: None)()
 
     result = {"description": w.description, "load_before": load_before, "train": {}, "infer": {}}
     for key, s in samples.items():
@@ -441,22 +447,25 @@ def _check_parity(w: Workload, train: dict, infer: dict, inputs: tuple) -> None:
                 raise RuntimeError(f"{w.name} {preset}: convlora and PEFT outputs differ (relative {err:.1e})")
 
 
+def _paired_ratio(row: dict, ref: dict, key: str) -> float:
+    """Median over rounds of ``row / ref`` for samples taken in the same round: load from other jobs
+    drifts over minutes, and a ratio of two steps run seconds apart cancels most of it."""
+    return statistics.median(a / b for a, b in zip(row[key], ref[key]))
+
+
 def _add_ratios(result: dict) -> None:
     train, infer = result["train"], result["infer"]
-    floor = train["frozen floor"]["ms_median"]
-    floor_cpu = train["frozen floor"]["cpu_ms_median"]
+    floor = train["frozen floor"]
     for name, row in train.items():
-        row["x_floor"] = row["ms_median"] / floor
-        row["x_floor_cpu"] = row["cpu_ms_median"] / floor_cpu
+        row["x_floor"] = _paired_ratio(row, floor, "ms_all")
+        row["x_floor_cpu"] = _paired_ratio(row, floor, "cpu_ms_all")
         if name.startswith("convlora "):
             peft = train["peft " + name.split(" ", 1)[1]]
-            row["x_peft"] = row["ms_median"] / peft["ms_median"]
-            row["x_peft_cpu"] = row["cpu_ms_median"] / peft["cpu_ms_median"]
-    base = infer["base"]["ms_median"]
-    base_cpu = infer["base"]["cpu_ms_median"]
+            row["x_peft"] = _paired_ratio(row, peft, "ms_all")
+            row["x_peft_cpu"] = _paired_ratio(row, peft, "cpu_ms_all")
     for row in infer.values():
-        row["x_base"] = row["ms_median"] / base
-        row["x_base_cpu"] = row["cpu_ms_median"] / base_cpu
+        row["x_base"] = _paired_ratio(row, infer["base"], "ms_all")
+        row["x_base_cpu"] = _paired_ratio(row, infer["base"], "cpu_ms_all")
 
 
 def goals(results: dict) -> dict:
