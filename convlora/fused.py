@@ -57,7 +57,7 @@ from torch import nn
 #: Master switch: False makes every layer run its straightforward formula (tests, benchmark).
 ENABLED = True
 
-_conv_backward = torch.ops.aten.convolution_backward
+_conv_backward = torch.ops.aten.convolution_backward.default
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
 
@@ -180,7 +180,7 @@ class _ConvLoRAFunction(torch.autograd.Function):
             # One conv for [W'; A] (per group): A's r extra output channels cost a fraction of a
             # separate conv with r outputs (oneDNN computes channels in blocks of 16).
             cg = c_out // groups
-            out = torch.ops.aten.convolution(
+            out = _conv(
                 x, _folded_weight_and_A(weight, lora_A, lora_B, scaling, groups),
                 _cat_bias_per_group(bias, r, groups), *conv_args,
             )  # (N, g * (C_out/g + r), *S_out)
@@ -189,9 +189,9 @@ class _ConvLoRAFunction(torch.autograd.Function):
             y = out[:, :, :cg].contiguous().view(n, c_out, *spatial)
             h = out[:, :, cg:].contiguous().view(n, groups * r, *spatial)
         elif fold:
-            y = torch.ops.aten.convolution(x, _folded_weight(weight, lora_A, lora_B, scaling), bias, *conv_args)
+            y = _conv(x, _folded_weight(weight, lora_A, lora_B, scaling), bias, *conv_args)
         else:
-            y = torch.ops.aten.convolution(x, weight, bias, *conv_args).contiguous()
+            y = _conv(x, weight, bias, *conv_args).contiguous()
             h = _lora_hidden(x, lora_A, conv_args, pointwise)  # (N, g*r, *S_out)
             # (N*g, C_out/g, L) += s * (N*g, C_out/g, r) @ (N*g, r, L)
             y.view(n * groups, c_out // groups, -1).baddbmm_(
@@ -246,7 +246,15 @@ def _lora_hidden(x, lora_A, conv_args, pointwise):
         return torch.bmm(a, x.reshape(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
     groups = conv_args[-1]
     a_rep = lora_A.repeat(groups, *(1,) * (lora_A.dim() - 1)) if groups > 1 else lora_A
-    return torch.ops.aten.convolution(x, a_rep, None, *conv_args)
+    return _conv(x, a_rep, None, *conv_args)
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """The forward convolution for ``conv_args``: F.convNd (half the dispatch cost of aten.convolution)."""
+    return _CONV_FN[len(stride)](x, weight, bias, stride, padding, dilation, groups)
 
 
 def _input_grad(g, x, weight, conv_args):
