@@ -27,8 +27,9 @@ Times are wall-clock medians (and minimum) over the repeats (inference: three sa
 ratios are medians of per-round ratios (a variant against the reference measured seconds apart, which
 cancels most of the drift in other jobs' load); the CPU time of the process
 (``time.process_time``, both threads) is recorded too, since other jobs on shared cores inflate
-wall time. ``OMP_WAIT_POLICY`` is set to ``PASSIVE`` unless already set (why: at the import of
-torch). The load average before and after each model is recorded with the results.
+wall time. OpenMP's wait policy is left as the environment sets it (the libgomp default: a waiting
+thread spins a while, then sleeps) and recorded; run on a quiet machine (why: at the import of torch).
+The load average before and after each model is recorded with the results.
 
 Results are printed as a table and written as JSON (``--out``, default
 ``benchmarks/results/latest.json``; the smoke run writes only where ``--out`` says).
@@ -52,11 +53,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# libgomp's default (active) wait spins a thread that waits for its partner; on cores shared with
-# other jobs that made a 2-thread tiny-UNet step 10-30x slower (2.3-6.4 s instead of 0.2 s) whenever
-# another process held a core. Passive waiting keeps timings meaningful there; set the variable
-# yourself to override. Only effective when torch is imported here first (the script, not the test).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy decides what these timings mean, so it is left alone (what users get) and
+# recorded. With libgomp's default a thread that waits for its partner spins for a while: on cores
+# busy with other jobs that spinning made a 2-thread tiny-UNet step 10-30x slower, so run the
+# benchmark on a quiet machine. OMP_WAIT_POLICY=PASSIVE survives contention but is no fair measure:
+# every parallel region then pays a futex wake-up (~50 us here, against ~60 us for a whole r=8 GEMM),
+# which inflated the SD-UNet floor from 962 to 1253 ms and penalised LoRA's many small ops most.
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -507,7 +509,7 @@ def machine(device: torch.device, threads: int) -> dict:
         "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "peft": peft.__version__, "convlora": convlora.__version__, "device": str(device),
-        "mkldnn": torch.backends.mkldnn.is_available(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "mkldnn": torch.backends.mkldnn.is_available(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default)"),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
