@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.convlora-installed
 
-.PHONY: demo test test-slow test-all bench bench-smoke clean-venv
+.PHONY: demo test test-slow test-all bench bench-breakdown bench-smoke clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lora.py
 
+bench-breakdown: $(STAMP)
+	$(PY) benchmarks/layer_breakdown.py
+
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_lora.py --smoke
+	$(PY) benchmarks/layer_breakdown.py --smoke
 
 clean-venv:
 	rm -rf $(VENV)
