@@ -3,7 +3,9 @@
 Keys are ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``; rank and alpha live in the
 JSON config as ``r`` / ``lora_alpha`` plus per-module ``rank_pattern`` / ``alpha_pattern``. PEFT's
 LoRA tensors have convlora's layout for Linear, ConvNd with ``groups == 1`` and GPT-2 ``Conv1D``
-(``fan_in_fan_out``), so nothing is reshaped.
+(``fan_in_fan_out``), so nothing is reshaped. For ``groups = g > 1`` PEFT uses a dense ``lora_A``
+and a grouped 1x1 ``lora_B``; convlora's shared-A grouped LoRA is exactly that with rank ``g * r``
+and a block-diagonal A (:func:`grouped_to_peft` / :func:`grouped_from_peft`).
 
 The same ``r`` / ``lora_alpha`` / pattern dict is what diffusers keeps, per component, in the
 ``lora_adapter_metadata`` header of its files; :func:`lora_config_kwargs` and :func:`alpha_for`
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from convlora.formats.weights import (
@@ -28,7 +31,9 @@ from convlora.formats.weights import (
     LoRAModule,
     LoRAWeights,
     check_portable_geometry,
+    conv_geometry_problems,
     load_weights_into_model,
+    resolve_paths,
     uses_rslora,
     weights_from_model,
 )
@@ -81,6 +86,63 @@ def rank_for(path: str, config: Mapping[str, Any]) -> int | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return int(value)
     return config.get("r")
+
+
+# ---- grouped convolutions -------------------------------------------------------------------------
+def grouped_to_peft(module: LoRAModule, groups: int, use_rslora: bool) -> LoRAModule:
+    """convlora's LoRA on a conv with ``groups = g`` as the PEFT adapter that computes the same.
+
+    PEFT adapts such a conv with a dense ``lora_A`` ``(R, C_in, *k)`` and a grouped 1x1 ``lora_B``
+    ``(C_out, R/g, *1s)`` whose group ``j`` reads hidden channels ``j*R/g .. (j+1)*R/g``. With
+    ``R = g*r``, A placed block-diagonally (group ``j``'s rows see only group ``j``'s input channels)
+    and B unchanged, that is convlora's ``ΔW_j = B_j @ A``. The scaling stays ``alpha / r``: alpha
+    becomes ``g * alpha`` (``sqrt(g) * alpha`` with rsLoRA).
+
+    Args:
+        module: convlora's ``A (r, C_in/g, *k)``, ``B (C_out, r, *1s)``.
+
+    Returns:
+        ``A (g*r, C_in, *k)``, the same ``B``, the adjusted alpha.
+    """
+    a = module.lora_A
+    r, c_in_g = a.shape[0], a.shape[1]
+    dense = a.new_zeros((groups * r, groups * c_in_g, *a.shape[2:]))
+    for j in range(groups):
+        dense[j * r:(j + 1) * r, j * c_in_g:(j + 1) * c_in_g] = a
+    return LoRAModule(dense, module.lora_B, module.alpha * (groups**0.5 if use_rslora else groups))
+
+
+def grouped_from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, path: str, source: str) -> tuple[torch.Tensor, int]:
+    """convlora's shared A back from PEFT's grouped-conv LoRA: the inverse of :func:`grouped_to_peft`.
+
+    PEFT's files describe the grouping themselves: ``lora_A`` has ``R`` rows and the grouped
+    ``lora_B`` ``R/g`` columns, so ``g = R / columns``.
+
+    Returns:
+        ``(A (R/g, C_in/g, *k), g)``; the caller divides alpha by ``g`` (``sqrt(g)`` with rsLoRA).
+
+    Raises:
+        LoRAFormatError: ``lora_A`` is not block-diagonal with ``g`` identical blocks: that LoRA mixes
+            channels across groups and is no update of the grouped weight at all.
+    """
+    groups = lora_A.shape[0] // lora_B.shape[1]
+    r, c_in_g = lora_B.shape[1], lora_A.shape[1] // groups
+    block = lora_A[:r, :c_in_g]
+    if lora_A.shape[1] % groups or not torch.equal(lora_A, grouped_to_peft(LoRAModule(block, lora_B, 0.0), groups, False).lora_A):
+        raise LoRAFormatError(
+            f"{source}: {path} is a conv with groups={groups} whose PEFT lora_A {tuple(lora_A.shape)} is not "
+            f"block-diagonal with {groups} identical blocks: that LoRA mixes channels across groups, which no "
+            "update of the grouped weight can express, so convlora cannot load it (PEFT cannot merge it either)"
+        )
+    return block.clone(), groups
+
+
+def _is_grouped_conv_pair(lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> bool:
+    """PEFT conv LoRA whose B has a divisor of A's rank as columns: a conv with ``groups > 1``."""
+    if lora_A is None or lora_B is None or lora_A.dim() < 3 or lora_B.dim() < 3:
+        return False
+    rank, columns = lora_A.shape[0], lora_B.shape[1]
+    return columns != rank and columns > 0 and rank % columns == 0
 
 
 # ---- tensors <-> neutral weights -----------------------------------------------------------------
@@ -163,11 +225,21 @@ def from_peft(
         source,
         " (convlora imports plain LoRA: no DoRA, LoRA bias, embedding LoRA or modules_to_save)",
     )
-    modules = pair_modules(groups, lambda path, rank, _: alpha_for(path, rank, config), source)
+    use_rslora = bool((config or {}).get("use_rslora", False))
+    conv_groups: dict[str, int] = {}  # path -> groups of a grouped conv, in PEFT's dense-A form
+    for path, pair in groups.items():
+        if _is_grouped_conv_pair(pair.get("A"), pair.get("B")):
+            pair["A"], conv_groups[path] = grouped_from_peft(pair["A"], pair["B"], path, source)
+
+    def alpha_of(path: str, rank: int, _group) -> float:
+        g = conv_groups.get(path, 1)  # PEFT's rank and alpha are g times convlora's (sqrt(g) with rsLoRA)
+        return alpha_for(path, rank * g, config) / (g**0.5 if use_rslora else g)
+
+    modules = pair_modules(groups, alpha_of, source)
     if not modules:
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     metadata = {k: v for k, v in header.items() if k != "format"}
-    return LoRAWeights(modules, use_rslora=bool((config or {}).get("use_rslora", False)), metadata=metadata)
+    return LoRAWeights(modules, use_rslora=use_rslora, metadata=metadata)
 
 
 def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -221,29 +293,54 @@ def save_peft_adapter(
 ) -> Path:
     """Save the LoRA of ``model`` as a folder ``peft.PeftModel.from_pretrained(base, folder)`` loads.
 
+    Convs with ``groups > 1`` are written in PEFT's dense-A form (:func:`grouped_to_peft`), which
+    PEFT runs exactly (unmerged: PEFT cannot merge grouped convs).
+
     Raises:
-        LoRAFormatError: conv LoRA with groups > 1, dilation or a non-zero padding mode (PEFT computes
-            those differently); a model mixing GPT-2 ``Conv1D`` and other LoRA layers (PEFT's
+        LoRAFormatError: conv LoRA with dilation or a non-zero padding mode (PEFT computes those
+            differently); a model mixing GPT-2 ``Conv1D`` and other LoRA layers (PEFT's
             ``fan_in_fan_out`` is one flag); biases / ``modules_to_save`` in the adapter.
     """
-    check_portable_geometry(model, "PEFT")
+    check_portable_geometry(model, "PEFT", allow_groups=True)
     layers = lora_layers(model)
     gpt2 = {isinstance(layer, GPT2Conv1D) for layer in layers.values()}
     if gpt2 == {True, False}:
         raise LoRAFormatError("PEFT's fan_in_fan_out is one flag per adapter: this model mixes GPT-2 Conv1D and other LoRA layers")
-    weights = LoRAWeights(weights_from_model(model), use_rslora=uses_rslora(model), metadata=dict(metadata or {}))
+    rslora = uses_rslora(model)
+    modules = weights_from_model(model)
+    for path, layer in layers.items():
+        if getattr(layer, "groups", 1) > 1:
+            modules[path] = grouped_to_peft(modules[path], layer.groups, rslora)
+    weights = LoRAWeights(modules, use_rslora=rslora, metadata=dict(metadata or {}))
     return write_peft_folder(weights, folder, base_model_name_or_path, fan_in_fan_out=gpt2 == {True})
 
 
 def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool = True) -> list[str]:
     """Load a PEFT LoRA adapter folder into ``model`` (injecting LoRA first if it has none).
 
+    LoRA on convs with ``groups > 1`` is taken back from PEFT's dense-A form (:func:`grouped_from_peft`).
+
     Returns:
-        The module paths loaded. Raises as :func:`read_peft_folder` and
-        :func:`convlora.formats.weights.load_weights_into_model`.
+        The module paths loaded.
+
+    Raises:
+        LoRAFormatError: as :func:`read_peft_folder`; LoRA on a conv with dilation or a non-zero
+            padding mode (PEFT ran it without them, so it is another function there); grouped LoRA
+            that mixes channels across groups. Nothing is injected or changed then.
+        StateDictMismatchError: as :func:`convlora.formats.weights.load_weights_into_model`.
     """
+    source = str(folder)
     weights = read_peft_folder(folder)
-    return load_weights_into_model(model, weights.modules, weights.use_rslora, strict=strict, source=str(folder))
+    resolved, _ = resolve_paths(list(weights.modules), model)
+    named = dict(model.named_modules())
+    targets = {path: named[target] for path, target in resolved.items()}
+    problems = conv_geometry_problems(targets, allow_groups=True)
+    if problems:
+        raise LoRAFormatError(
+            f"{source}: PEFT computes conv LoRA without dilation or non-zero padding modes, so on these layers the "
+            f"adapter is not the function it was trained as: {'; '.join(problems)}"
+        )
+    return load_weights_into_model(model, weights.modules, weights.use_rslora, strict=strict, source=source)
 
 
 def _number(value: float) -> int | float:

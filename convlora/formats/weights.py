@@ -149,30 +149,41 @@ def uses_rslora(*models: nn.Module | None) -> bool:
     return kinds == {True}
 
 
-def check_portable_geometry(model: nn.Module, fmt: str) -> None:
-    """Refuse conv LoRA that PEFT / diffusers / kohya loaders would compute differently.
+def conv_geometry_problems(layers: Mapping[str, nn.Module], allow_groups: bool = False) -> list[str]:
+    """``"path: what"`` for each conv among ``layers`` whose LoRA foreign loaders compute differently.
 
-    Their conv LoRA runs ``lora_down`` with the base conv's kernel, stride and padding only (no
-    dilation, zero padding) and, for ``groups > 1``, a dense A, which is not convlora's shared-A
-    grouped LoRA. Exporting such layers would give a file those loaders accept and get wrong.
-
-    Raises:
-        LoRAFormatError: naming every such layer and what is wrong with it.
+    PEFT, diffusers and kohya/A1111/ComfyUI run ``lora_down`` with the base conv's kernel, stride and
+    padding only: no dilation, zero padding. For ``groups > 1`` they use a dense A, which is not
+    convlora's shared-A grouped LoRA (PEFT's files can still carry it exactly: ``allow_groups``).
     """
     problems = []
-    for path, layer in lora_layers(model).items():
+    for path, layer in layers.items():
         if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
-        if layer.groups > 1:
+        if layer.groups > 1 and not allow_groups:
             problems.append(f"{path}: groups={layer.groups}")
         if any(d != 1 for d in layer.dilation):
             problems.append(f"{path}: dilation={tuple(layer.dilation)}")
         if layer.padding_mode != "zeros":
             problems.append(f"{path}: padding_mode={layer.padding_mode!r}")
+    return problems
+
+
+def check_portable_geometry(model: nn.Module, fmt: str, allow_groups: bool = False) -> None:
+    """Refuse conv LoRA that PEFT / diffusers / kohya loaders would compute differently.
+
+    Exporting such layers would give a file those loaders accept and get wrong (see
+    :func:`conv_geometry_problems`).
+
+    Raises:
+        LoRAFormatError: naming every such layer and what is wrong with it.
+    """
+    problems = conv_geometry_problems(lora_layers(model), allow_groups)
     if problems:
         raise LoRAFormatError(
-            f"cannot export to {fmt}: its loaders (PEFT, diffusers, kohya/A1111/ComfyUI) compute conv LoRA without "
-            "groups, dilation or non-zero padding modes, so they would get these layers wrong: "
+            f"cannot export to {fmt}: its loaders compute conv LoRA without "
+            + ("" if allow_groups else "groups, ")
+            + "dilation or non-zero padding modes, so they would get these layers wrong: "
             + "; ".join(problems)
             + ". Save them with format='native' (convlora.save_lora) instead."
         )

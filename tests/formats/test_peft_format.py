@@ -93,12 +93,76 @@ def test_bert_both_ways(bert, tmp_path, randomize_peft_lora):
         assert _max_diff(back.eval()(ids).last_hidden_state, expected) < TOL
 
 
-def test_grouped_conv_export_refused(tmp_path):
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 8, 3, dilation=2))
-    convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["0", "1"]))
-    with pytest.raises(LoRAFormatError, match=r"0: groups=4; 1: dilation=\(2, 2\)"):
+def test_dilated_or_padded_conv_export_refused(tmp_path):
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 8, 3, dilation=2),
+                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))  # fmt: skip
+    convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["0", "1", "2"]))
+    with pytest.raises(LoRAFormatError, match=r"without dilation.*: 1: dilation=\(2, 2\); 2: padding_mode='reflect'\."):
         save_peft_adapter(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _grouped_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.SiLU(),  # grouped
+        nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.SiLU(),  # depthwise
+        nn.Conv2d(12, 6, 1, groups=2),  # grouped 1x1
+    ).eval()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_grouped_convs_export_to_peft_exactly_and_back(tmp_path, use_rslora):
+    base = _grouped_net()
+    ours = copy.deepcopy(base)
+    convlora.inject_lora(ours, convlora.LoRAConfig(r=2, alpha=3, target_modules=["0", "2", "4"], use_rslora=use_rslora))
+    randomize_lora_(ours, std=0.2)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = ours.eval()(x)
+        assert _max_diff(expected, base(x)) > 1e-2
+    folder = save_peft_adapter(ours, tmp_path / "grouped")
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    ranks = {"0": 2 * 4, "2": 2 * 12, "4": 2 * 2}  # g * r: A block-diagonal, one block per group
+    alphas = {p: 3 * (g**0.5 if use_rslora else g) for p, g in {"0": 4, "2": 12, "4": 2}.items()}
+    assert {p: config["rank_pattern"].get(p, config["r"]) for p in ranks} == ranks
+    assert {p: config["alpha_pattern"].get(p, config["lora_alpha"]) for p in alphas} == pytest.approx(alphas)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    with torch.no_grad():
+        assert _max_diff(peft_model(x), expected) < TOL  # PEFT runs it unmerged, and gets the same
+
+    back = copy.deepcopy(base)
+    assert sorted(load_peft_adapter(back, folder)) == ["0", "2", "4"]
+    mine, theirs = convlora.lora_layers(ours), convlora.lora_layers(back)
+    for path in ranks:
+        assert theirs[path].r == 2 and theirs[path].lora_alpha == pytest.approx(3.0, rel=1e-12)  # (x/sqrt(g)*sqrt(g))
+        with convlora.temporarily_unmerged([mine[path], theirs[path]]):
+            assert torch.equal(theirs[path].lora_A, mine[path].lora_A)  # bit-exact round trip
+            assert torch.equal(theirs[path].lora_B, mine[path].lora_B)
+    with torch.no_grad():
+        assert _max_diff(back(x), expected) < TOL
+
+
+def test_peft_grouped_lora_that_mixes_groups_is_refused(tmp_path, randomize_peft_lora):
+    base = _grouped_net()
+    trained = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["0"]))
+    randomize_peft_lora(trained)  # a dense lora_A: group j's update reads every group's input
+    trained.save_pretrained(tmp_path / "dense")
+    with pytest.raises(LoRAFormatError, match=r"0 is a conv with groups=4 whose PEFT lora_A \(4, 8, 3, 3\) is not block-diagonal"):
+        load_peft_adapter(base, tmp_path / "dense")
+    assert not convlora.lora_layers(base)  # nothing injected
+
+
+def test_peft_lora_on_a_dilated_conv_is_refused(tmp_path, randomize_peft_lora):
+    base = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    trained = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["0", "1"]))
+    randomize_peft_lora(trained)
+    trained.save_pretrained(tmp_path / "dilated")
+    with pytest.raises(LoRAFormatError, match=r"without dilation.*: 0: dilation=\(2, 2\)$"):
+        load_peft_adapter(base, tmp_path / "dilated")
+    assert not convlora.lora_layers(base)
 
 
 def test_peft_folder_with_dora_is_named(resnet, tmp_path):
