@@ -32,7 +32,7 @@ from convlora.inject import (
     temporarily_unmerged,
     unload,
 )
-from convlora.layers import LORA_CLASSES
+from convlora.layers import LORA_CLASSES, conv_geometry
 from convlora.state import check_finite, fingerprint, scaling_for
 
 FORMAT_VERSION = "1"
@@ -180,12 +180,15 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
 
 
 def _module_table(layers) -> dict[str, dict]:
+    """Per module: kind, rank, alpha, base weight shape and, for convs, ``groups`` / ``dilation`` /
+    ``padding_mode`` (so a file converted without its model can still be checked for export)."""
     return {
         path: {
             "type": type(layer).__name__,
             "r": layer.r,
             "alpha": layer.lora_alpha,
             "base_shape": list(layer.weight.shape),
+            **(conv_geometry(layer) or {}),
         }
         for path, layer in layers.items()
     }

@@ -310,6 +310,17 @@ class Linear(LoRALayer, nn.Linear):
         return super()._adapted_forward(x)
 
 
+def conv_geometry(layer: nn.Module) -> dict[str, Any] | None:
+    """``{"groups", "dilation", "padding_mode"}`` of a ConvNd (LoRA or plain); ``None`` for anything else.
+
+    What foreign LoRA loaders ignore (they run ``lora_down`` with kernel, stride and padding only),
+    so files record it and exporters check it.
+    """
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    return {"groups": int(layer.groups), "dilation": [int(d) for d in layer.dilation], "padding_mode": layer.padding_mode}
+
+
 class _ConvLoRA(LoRALayer):
     """Shared by Conv1d/2d/3d: nothing here assumes a number of spatial dimensions.
 

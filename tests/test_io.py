@@ -61,8 +61,9 @@ def test_header_carries_config_ranks_alphas_and_fingerprint(tmp_path):
     assert keys == {"0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B", "5.lora_A", "5.lora_B"}
     assert convlora.LoRAConfig.from_json(header["convlora_config"]) == CFG
     modules = json.loads(header["convlora_modules"])
-    assert modules["2"] == {"type": "Conv2d", "r": 4, "alpha": 6.0, "base_shape": [8, 4, 3, 3]}
-    assert modules["5"]["r"] == 2
+    assert modules["2"] == {"type": "Conv2d", "r": 4, "alpha": 6.0, "base_shape": [8, 4, 3, 3],
+                            "groups": 2, "dilation": [1, 1], "padding_mode": "zeros"}  # fmt: skip
+    assert set(modules["5"]) == {"type", "r", "alpha", "base_shape"} and modules["5"]["r"] == 2  # Linear: no geometry
     assert len(header["convlora_fingerprint"]) == 16 and header["steps"] == "10"
 
 

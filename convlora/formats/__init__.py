@@ -30,6 +30,7 @@ from convlora.formats.weights import (
     LoRAFormatError,
     LoRAModule,
     LoRAWeights,
+    check_portable_geometry,
     load_weights_into_model,
     weights_from_model,
 )
@@ -80,6 +81,10 @@ def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, bas
     For ``"diffusers"`` a folder path (or one without a suffix) gets diffusers' file name
     ``pytorch_lora_weights.safetensors`` inside it; ``"peft"`` always writes a folder.
     ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one.
+
+    Raises:
+        LoRAFormatError: modules recorded as convs those formats' loaders would compute differently
+            (dilation, non-zero padding modes; groups except for PEFT), named; nothing is written.
     """
     path = Path(path)
     if fmt == "peft":
@@ -89,6 +94,8 @@ def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, bas
                 f"{weights.components()} — use --to diffusers for pipelines"
             )
         return write_peft_folder(weights, path)
+    if fmt in ("diffusers", "kohya"):
+        check_portable_geometry(weights, fmt)
     if fmt == "diffusers":
         if path.is_dir() or not path.suffix:
             path = path / DIFFUSERS_WEIGHT_NAME

@@ -3,7 +3,8 @@
 A single-model file (``convlora.save_lora``) names modules by their path in the model; a pipeline
 file (``save_pipeline_lora(..., format="native")``) prefixes them with ``unet.`` /
 ``text_encoder.``. The header layout is :mod:`convlora.io`'s: ``convlora_modules`` gives each
-module's rank, alpha and base weight shape, ``convlora_config`` the LoRAConfig.
+module's rank, alpha, base weight shape and, for convs, ``groups`` / ``dilation`` / ``padding_mode``
+(absent in older files), ``convlora_config`` the LoRAConfig.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_k
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS
 from convlora.state import fingerprint
+
+#: Conv geometry keys of a module-table entry (see :func:`convlora.layers.conv_geometry`).
+GEOMETRY_KEYS = ("groups", "dilation", "padding_mode")
 
 
 def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
@@ -39,6 +43,9 @@ def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], 
     if undescribed:
         raise LoRAFormatError(f"{source}: tensors and the convlora_modules header disagree on: {', '.join(undescribed[:12])}")
     modules = pair_modules(groups, lambda path, rank, _: float(table[path]["alpha"]), source)
+    for path, module in modules.items():
+        geometry = {k: table[path][k] for k in GEOMETRY_KEYS if k in table[path]}
+        module.geometry = geometry or None  # files written before convlora recorded it have none
     config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
     metadata = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
     return LoRAWeights(modules, use_rslora=bool(config and config.use_rslora), metadata=metadata)
@@ -58,7 +65,10 @@ def to_native(weights: LoRAWeights, config: LoRAConfig | None = None) -> tuple[d
     for path, module in weights.modules.items():
         tensors[f"{path}.lora_A"] = module.lora_A
         tensors[f"{path}.lora_B"] = module.lora_B
-        table[path] = {"type": _kind(module), "r": module.r, "alpha": module.alpha, "base_shape": _base_shape(module)}
+        table[path] = {
+            "type": _kind(module), "r": module.r, "alpha": module.alpha, "base_shape": _base_shape(module),
+            **(module.geometry or {}),
+        }  # fmt: skip
     if config is None:
         rank = weights.most_common()[0]
         config = LoRAConfig(r=rank, target_modules=sorted(weights.modules), use_rslora=weights.use_rslora)

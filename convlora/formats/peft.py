@@ -39,7 +39,7 @@ from convlora.formats.weights import (
 )
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
-from convlora.layers import GPT2Conv1D
+from convlora.layers import GPT2Conv1D, conv_geometry
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -238,6 +238,8 @@ def from_peft(
     modules = pair_modules(groups, alpha_of, source)
     if not modules:
         raise LoRAFormatError(f"{source} holds no LoRA weights")
+    for path, g in conv_groups.items():
+        modules[path].geometry = {"groups": g}  # what the file tells; dilation / padding mode it does not
     metadata = {k: v for k, v in header.items() if k != "format"}
     return LoRAWeights(modules, use_rslora=use_rslora, metadata=metadata)
 
@@ -262,17 +264,29 @@ def write_peft_folder(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
 ) -> Path:
-    """Write neutral (unprefixed, single-model) weights as a PEFT LoRA adapter folder."""
+    """Write neutral (unprefixed, single-model) weights as a PEFT LoRA adapter folder.
+
+    Modules recorded as grouped convs are written in PEFT's dense-A form (:func:`grouped_to_peft`).
+
+    Raises:
+        LoRAFormatError: modules recorded as dilated or non-zero-padded convs (PEFT runs those
+            without it); nothing is written then.
+    """
+    check_portable_geometry(weights, "PEFT", allow_groups=True)
     folder = Path(folder)
+    modules = {
+        path: grouped_to_peft(m, m.geometry["groups"], weights.use_rslora) if (m.geometry or {}).get("groups", 1) > 1 else m
+        for path, m in weights.modules.items()
+    }
     tensors = {}
-    for path, module in weights.modules.items():
+    for path, module in modules.items():
         tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = module.lora_A
         tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = module.lora_B
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
-        **lora_config_kwargs(weights.modules, weights.use_rslora),
+        **lora_config_kwargs(modules, weights.use_rslora),
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "lora_dropout": 0.0,
@@ -306,12 +320,7 @@ def save_peft_adapter(
     gpt2 = {isinstance(layer, GPT2Conv1D) for layer in layers.values()}
     if gpt2 == {True, False}:
         raise LoRAFormatError("PEFT's fan_in_fan_out is one flag per adapter: this model mixes GPT-2 Conv1D and other LoRA layers")
-    rslora = uses_rslora(model)
-    modules = weights_from_model(model)
-    for path, layer in layers.items():
-        if getattr(layer, "groups", 1) > 1:
-            modules[path] = grouped_to_peft(modules[path], layer.groups, rslora)
-    weights = LoRAWeights(modules, use_rslora=rslora, metadata=dict(metadata or {}))
+    weights = LoRAWeights(weights_from_model(model), use_rslora=uses_rslora(model), metadata=dict(metadata or {}))
     return write_peft_folder(weights, folder, base_model_name_or_path, fan_in_fan_out=gpt2 == {True})
 
 
@@ -333,8 +342,7 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool 
     weights = read_peft_folder(folder)
     resolved, _ = resolve_paths(list(weights.modules), model)
     named = dict(model.named_modules())
-    targets = {path: named[target] for path, target in resolved.items()}
-    problems = conv_geometry_problems(targets, allow_groups=True)
+    problems = conv_geometry_problems({p: conv_geometry(named[t]) for p, t in resolved.items()}, allow_groups=True)
     if problems:
         raise LoRAFormatError(
             f"{source}: PEFT computes conv LoRA without dilation or non-zero padding modes, so on these layers the "

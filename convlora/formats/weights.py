@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from convlora.inject import (
     unload,
 )
 from convlora.io import LoRAFileError
-from convlora.layers import LORA_CLASSES
+from convlora.layers import LORA_CLASSES, conv_geometry
 from convlora.state import StateDictMismatchError, scaling_for
 
 #: Component names a pipeline file may hold, in the order they are written.
@@ -52,6 +53,9 @@ class LoRAModule:
     lora_B: torch.Tensor
     """``(out, r)`` for Linear, ``(C_out, r, *1s)`` for ConvNd."""
     alpha: float
+    geometry: dict[str, Any] | None = None
+    """What of the base conv's ``groups`` / ``dilation`` / ``padding_mode`` the source recorded
+    (models and convlora files: all three; PEFT files: ``groups``); ``None`` for Linear or unknown."""
 
     @property
     def r(self) -> int:
@@ -136,7 +140,9 @@ def weights_from_model(model: nn.Module, prefix: str = "") -> dict[str, LoRAModu
             "(save it with format='native' / convlora.save_lora)"
         )
     return {
-        prefix + path: LoRAModule(layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha))
+        prefix + path: LoRAModule(
+            layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha), conv_geometry(layer)
+        )
         for path, layer in layers.items()
     }
 
@@ -149,36 +155,42 @@ def uses_rslora(*models: nn.Module | None) -> bool:
     return kinds == {True}
 
 
-def conv_geometry_problems(layers: Mapping[str, nn.Module], allow_groups: bool = False) -> list[str]:
-    """``"path: what"`` for each conv among ``layers`` whose LoRA foreign loaders compute differently.
+def conv_geometry_problems(geometries: Mapping[str, dict[str, Any] | None], allow_groups: bool = False) -> list[str]:
+    """``"path: what"`` for each conv whose LoRA foreign loaders compute differently.
 
-    PEFT, diffusers and kohya/A1111/ComfyUI run ``lora_down`` with the base conv's kernel, stride and
-    padding only: no dilation, zero padding. For ``groups > 1`` they use a dense A, which is not
-    convlora's shared-A grouped LoRA (PEFT's files can still carry it exactly: ``allow_groups``).
+    ``geometries`` maps paths to :func:`conv_geometry` dicts (keys may be missing where a source did
+    not record them). PEFT, diffusers and kohya/A1111/ComfyUI run ``lora_down`` with the base conv's
+    kernel, stride and padding only: no dilation, zero padding. For ``groups > 1`` they use a dense
+    A, which is not convlora's shared-A grouped LoRA (PEFT's files can still carry it exactly:
+    ``allow_groups``).
     """
     problems = []
-    for path, layer in layers.items():
-        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
-        if layer.groups > 1 and not allow_groups:
-            problems.append(f"{path}: groups={layer.groups}")
-        if any(d != 1 for d in layer.dilation):
-            problems.append(f"{path}: dilation={tuple(layer.dilation)}")
-        if layer.padding_mode != "zeros":
-            problems.append(f"{path}: padding_mode={layer.padding_mode!r}")
+    for path, geometry in geometries.items():
+        geometry = geometry or {}
+        if geometry.get("groups", 1) > 1 and not allow_groups:
+            problems.append(f"{path}: groups={geometry['groups']}")
+        if any(d != 1 for d in geometry.get("dilation", ())):
+            problems.append(f"{path}: dilation={tuple(geometry['dilation'])}")
+        if geometry.get("padding_mode", "zeros") != "zeros":
+            problems.append(f"{path}: padding_mode={geometry['padding_mode']!r}")
     return problems
 
 
-def check_portable_geometry(model: nn.Module, fmt: str, allow_groups: bool = False) -> None:
+def check_portable_geometry(source: nn.Module | LoRAWeights, fmt: str, allow_groups: bool = False) -> None:
     """Refuse conv LoRA that PEFT / diffusers / kohya loaders would compute differently.
 
-    Exporting such layers would give a file those loaders accept and get wrong (see
+    ``source`` is a model with LoRA or neutral weights (whose modules carry what their file
+    recorded). Exporting such layers would give a file those loaders accept and get wrong (see
     :func:`conv_geometry_problems`).
 
     Raises:
         LoRAFormatError: naming every such layer and what is wrong with it.
     """
-    problems = conv_geometry_problems(lora_layers(model), allow_groups)
+    if isinstance(source, LoRAWeights):
+        geometries = {path: m.geometry for path, m in source.modules.items()}
+    else:
+        geometries = {path: conv_geometry(layer) for path, layer in lora_layers(source).items()}
+    problems = conv_geometry_problems(geometries, allow_groups)
     if problems:
         raise LoRAFormatError(
             f"cannot export to {fmt}: its loaders compute conv LoRA without "

@@ -193,3 +193,65 @@ def test_peft_folder_converted_to_native_loads_with_core_load_lora(resnet, tmp_p
     assert sorted(convlora.load_lora(resnet, tmp_path / "native.safetensors")) == ["fc", "layer1.conv2", "layer2.conv2"]
     with torch.no_grad():
         assert _max_diff(resnet.eval()(x), expected) < TOL
+
+
+# ---- conversion without the model: the native header records conv geometry --------------------
+def _saved_native(tmp_path, model: nn.Module, targets: list[str]):
+    convlora.inject_lora(model, convlora.LoRAConfig(r=2, alpha=3, target_modules=targets))
+    randomize_lora_(model, std=0.2)
+    return convlora.save_lora(model, tmp_path / "native.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft"])
+def test_converting_a_native_file_refuses_what_the_target_loader_gets_wrong(tmp_path, fmt):
+    from convlora.formats import convert_lora_file
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 8, 3, dilation=2),
+                          nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), nn.Conv2d(8, 8, 1))  # fmt: skip
+    src = _saved_native(tmp_path, model, ["0", "1", "2", "3"])
+    pre = "" if fmt == "peft" else "unet."  # the component prefix diffusers / kohya files get
+    grouped = "" if fmt == "peft" else "unet.0: groups=4; "  # PEFT files carry grouped convs exactly
+    expected = rf"cannot export to {'PEFT' if fmt == 'peft' else fmt}: .*: {grouped}{pre}1: dilation=\(2, 2\); {pre}2: padding_mode='circular'\."
+    with pytest.raises(LoRAFormatError, match=expected):
+        convert_lora_file(src, tmp_path / "out", fmt, component="unet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_native_grouped_file_converts_to_a_peft_folder_peft_runs_exactly(tmp_path):
+    from convlora.formats import convert_lora_file
+
+    base = _grouped_net()
+    ours = copy.deepcopy(base)
+    src = _saved_native(tmp_path, ours, ["0", "2", "4"])
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = ours.eval()(x)
+    _, folder = convert_lora_file(src, tmp_path / "peft", "peft")
+    with pytest.warns(UserWarning, match="groups > 1"):
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    with torch.no_grad():
+        assert _max_diff(peft_model(x), expected) < TOL
+
+    # and back, without the model: the PEFT folder's grouping goes into the native table
+    _, back = convert_lora_file(folder, tmp_path / "back.safetensors", "native")
+    _, header = convlora.read_safetensors(back)
+    assert {p: e["groups"] for p, e in json.loads(header["convlora_modules"]).items()} == {"0": 4, "2": 12, "4": 2}
+    with pytest.raises(LoRAFormatError, match=r"cannot export to kohya.*: unet.0: groups=4; unet.2: groups=12; unet.4: groups=2\."):
+        convert_lora_file(back, tmp_path / "k.safetensors", "kohya", component="unet")
+    fresh = copy.deepcopy(base)
+    convlora.load_lora(fresh, back)
+    with torch.no_grad():
+        assert _max_diff(fresh.eval()(x), expected) < TOL
+
+
+def test_native_file_without_geometry_still_converts(tmp_path):
+    """Files written before the module table recorded conv geometry: nothing to check, as before."""
+    from convlora.formats import convert_lora_file
+
+    src = _saved_native(tmp_path, nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2)), ["0"])
+    tensors, header = convlora.read_safetensors(src)
+    table = json.loads(header["convlora_modules"])
+    old = {p: {k: v for k, v in e.items() if k in ("type", "r", "alpha", "base_shape")} for p, e in table.items()}
+    convlora.write_safetensors(tensors, tmp_path / "old.safetensors", {**header, "convlora_modules": json.dumps(old)})
+    _, written = convert_lora_file(tmp_path / "old.safetensors", tmp_path / "k.safetensors", "kohya", component="unet")
+    assert written.is_file()
