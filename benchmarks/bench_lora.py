@@ -607,10 +607,15 @@ def main(argv: list[str] | None = None) -> dict:
         for goal, g in report["goals"].items():
             print(f"  {'met    ' if g['met'] else 'NOT met'}  {goal}: {g['value']} (target {g['target']})")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_report(report, args.out)
     return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The JSON report at ``out`` (folders made as needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -287,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args)
     print(summary(report))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        bench.write_report(report, args.out)
     return report
 
 

@@ -32,7 +32,7 @@ from convlora.inject import (
     temporarily_unmerged,
     unload,
 )
-from convlora.layers import LORA_CLASSES, conv_geometry
+from convlora.layers import LORA_CLASSES, conv_geometry_record
 from convlora.state import check_finite, fingerprint, scaling_for
 
 FORMAT_VERSION = "1"
@@ -188,7 +188,7 @@ def _module_table(layers) -> dict[str, dict]:
             "r": layer.r,
             "alpha": layer.lora_alpha,
             "base_shape": list(layer.weight.shape),
-            **(conv_geometry(layer) or {}),
+            **(conv_geometry_record(layer) or {}),
         }
         for path, layer in layers.items()
     }

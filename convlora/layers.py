@@ -310,7 +310,7 @@ class Linear(LoRALayer, nn.Linear):
         return super()._adapted_forward(x)
 
 
-def conv_geometry(layer: nn.Module) -> dict[str, Any] | None:
+def conv_geometry_record(layer: nn.Module) -> dict[str, Any] | None:
     """``{"groups", "dilation", "padding_mode"}`` of a ConvNd (LoRA or plain); ``None`` for anything else.
 
     What foreign LoRA loaders ignore (they run ``lora_down`` with kernel, stride and padding only),

@@ -20,7 +20,7 @@ from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS
 from convlora.state import fingerprint
 
-#: Conv geometry keys of a module-table entry (see :func:`convlora.layers.conv_geometry`).
+#: Conv geometry keys of a module-table entry (see :func:`convlora.layers.conv_geometry_record`).
 GEOMETRY_KEYS = ("groups", "dilation", "padding_mode")
 
 

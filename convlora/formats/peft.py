@@ -39,7 +39,7 @@ from convlora.formats.weights import (
 )
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
-from convlora.layers import GPT2Conv1D, conv_geometry
+from convlora.layers import GPT2Conv1D, conv_geometry_record
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -342,7 +342,7 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool 
     weights = read_peft_folder(folder)
     resolved, _ = resolve_paths(list(weights.modules), model)
     named = dict(model.named_modules())
-    problems = conv_geometry_problems({p: conv_geometry(named[t]) for p, t in resolved.items()}, allow_groups=True)
+    problems = conv_geometry_problems({p: conv_geometry_record(named[t]) for p, t in resolved.items()}, allow_groups=True)
     if problems:
         raise LoRAFormatError(
             f"{source}: PEFT computes conv LoRA without dilation or non-zero padding modes, so on these layers the "

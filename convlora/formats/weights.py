@@ -30,7 +30,7 @@ from convlora.inject import (
     unload,
 )
 from convlora.io import LoRAFileError
-from convlora.layers import LORA_CLASSES, conv_geometry
+from convlora.layers import LORA_CLASSES, conv_geometry_record
 from convlora.state import StateDictMismatchError, scaling_for
 
 #: Component names a pipeline file may hold, in the order they are written.
@@ -141,7 +141,7 @@ def weights_from_model(model: nn.Module, prefix: str = "") -> dict[str, LoRAModu
         )
     return {
         prefix + path: LoRAModule(
-            layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha), conv_geometry(layer)
+            layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha), conv_geometry_record(layer)
         )
         for path, layer in layers.items()
     }
@@ -158,7 +158,7 @@ def uses_rslora(*models: nn.Module | None) -> bool:
 def conv_geometry_problems(geometries: Mapping[str, dict[str, Any] | None], allow_groups: bool = False) -> list[str]:
     """``"path: what"`` for each conv whose LoRA foreign loaders compute differently.
 
-    ``geometries`` maps paths to :func:`conv_geometry` dicts (keys may be missing where a source did
+    ``geometries`` maps paths to :func:`convlora.layers.conv_geometry_record` dicts (keys may be missing where a source did
     not record them). PEFT, diffusers and kohya/A1111/ComfyUI run ``lora_down`` with the base conv's
     kernel, stride and padding only: no dilation, zero padding. For ``groups > 1`` they use a dense
     A, which is not convlora's shared-A grouped LoRA (PEFT's files can still carry it exactly:
@@ -189,7 +189,7 @@ def check_portable_geometry(source: nn.Module | LoRAWeights, fmt: str, allow_gro
     if isinstance(source, LoRAWeights):
         geometries = {path: m.geometry for path, m in source.modules.items()}
     else:
-        geometries = {path: conv_geometry(layer) for path, layer in lora_layers(source).items()}
+        geometries = {path: conv_geometry_record(layer) for path, layer in lora_layers(source).items()}
     problems = conv_geometry_problems(geometries, allow_groups)
     if problems:
         raise LoRAFormatError(
