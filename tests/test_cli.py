@@ -154,3 +154,22 @@ def test_doctor_notes_kohya_modules_without_alpha(tmp_path, capsys):
     )
     assert main(["doctor", str(tmp_path / "old.safetensors")]) == 0
     assert "1 module(s) have no .alpha, so alpha = rank: lora_unet_conv_in" in capsys.readouterr().out
+
+
+def test_doctor_says_which_loaders_a_conv_geometry_rules_out(tmp_path, capsys):
+    from convlora.formats import save_peft_adapter
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 12, 3, groups=4), torch.nn.Conv2d(12, 12, 3, dilation=2))
+    convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["0", "1"]))
+    convlora.save_lora(model, tmp_path / "native.safetensors")
+    assert main(["doctor", str(tmp_path / "native.safetensors")]) == 0  # healthy for convlora itself
+    out = capsys.readouterr().out
+    why = "cannot be converted for it: it computes these conv LoRAs without their geometry: "
+    assert out.count(why + "0: groups=4; 1: dilation=(2, 2)") == 2  # diffusers, A1111/ComfyUI
+    assert out.count(why + "1: dilation=(2, 2)\n") == 1  # PEFT carries grouped convs
+
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(8, 12, 3, groups=4))
+    convlora.inject_lora(grouped, convlora.LoRAConfig(r=2, target_modules=["0"]))
+    save_peft_adapter(grouped, tmp_path / "peft")  # PEFT rank g * r = 8 for tensors of convlora rank 2
+    assert main(["doctor", str(tmp_path / "peft")]) == 0
+    assert "[   ok] PEFT PeftModel.from_pretrained" in capsys.readouterr().out

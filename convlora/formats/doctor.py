@@ -32,7 +32,7 @@ from convlora.formats.detect import detect_format, lora_file_of
 from convlora.formats.diffusers import METADATA_KEY
 from convlora.formats.kohya import KOHYA_PREFIXES
 from convlora.formats.peft import ADAPTER_CONFIG, rank_for
-from convlora.formats.weights import COMPONENTS, LoRAWeights, fits_module, resolve_paths
+from convlora.formats.weights import COMPONENTS, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
 from convlora.layers import LORA_CLASSES
 from convlora.io import read_safetensors
 
@@ -145,9 +145,11 @@ def _describe(weights: LoRAWeights) -> list[str]:
 def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
     v = Verdict("diffusers StableDiffusionPipeline.load_lora_weights", "ok")
     if fmt == "native":
-        return Verdict(v.loader, "n/a", ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
+        return Verdict(v.loader, "n/a", _unportable(weights) or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
     if fmt == "peft":
-        return Verdict(v.loader, "n/a", ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"])
+        return Verdict(
+            v.loader, "n/a", _unportable(weights) or ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
+        )
     no_lora = [k for k in keys if "lora" not in k]
     if no_lora:
         v.status = "no"
@@ -235,7 +237,7 @@ def _a1111_verdict(fmt, keys, weights) -> Verdict:
             v.reasons.append(f"{len(no_alpha)} module(s) have no .alpha, so alpha = rank: {', '.join(no_alpha[:4])}")
         return v
     if fmt in ("native", "peft") or weights is None:
-        return Verdict(v.loader, "n/a", ["not a kohya file: `convlora convert FILE OUT --to kohya`"])
+        return Verdict(v.loader, "n/a", _unportable(weights) or ["not a kohya file: `convlora convert FILE OUT --to kohya`"])
     off = [p for p, m in weights.modules.items() if m.alpha != m.r]
     if off:
         return Verdict(
@@ -249,7 +251,10 @@ def _a1111_verdict(fmt, keys, weights) -> Verdict:
 def _peft_verdict(fmt, folder, weights) -> Verdict:
     loader = "PEFT PeftModel.from_pretrained"
     if folder is None:
-        return Verdict(loader, "n/a", ["needs an adapter folder: `convlora convert FILE DIR --to peft [--component unet]`"])
+        return Verdict(
+            loader, "n/a",
+            _unportable(weights, allow_groups=True) or ["needs an adapter folder: `convlora convert FILE DIR --to peft [--component unet]`"],
+        )  # fmt: skip
     v = Verdict(loader, "ok")
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     if weights is not None:
@@ -258,11 +263,22 @@ def _peft_verdict(fmt, folder, weights) -> Verdict:
             if isinstance(targets, list) and not any(path == t or path.endswith("." + t) for t in targets):
                 v.reasons.append(f"{path} is not in target_modules: PEFT drops it")
             rank = rank_for(path, config)
-            if rank is not None and rank != module.r:
-                v.reasons.append(f"{path}: config rank {rank}, tensors rank {module.r} (size mismatch)")
+            peft_rank = module.r * (module.geometry or {}).get("groups", 1)  # grouped convs: g * r in PEFT
+            if rank is not None and rank != peft_rank:
+                v.reasons.append(f"{path}: config rank {rank}, tensors rank {peft_rank} (size mismatch)")
         if v.reasons:
             v.status = "no"
     return v
+
+
+def _unportable(weights: LoRAWeights | None, allow_groups: bool = False) -> list[str]:
+    """Why ``convlora convert`` refuses these weights for a loader (conv geometry it gets wrong)."""
+    if weights is None:
+        return []
+    problems = conv_geometry_problems({p: m.geometry for p, m in weights.modules.items()}, allow_groups)
+    if not problems:
+        return []
+    return [f"cannot be converted for it: it computes these conv LoRAs without their geometry: {'; '.join(problems[:6])}"]
 
 
 def _check_base(weights: LoRAWeights, base: dict[str, nn.Module]) -> list[str]:
