@@ -255,3 +255,23 @@ def test_native_file_without_geometry_still_converts(tmp_path):
     convlora.write_safetensors(tensors, tmp_path / "old.safetensors", {**header, "convlora_modules": json.dumps(old)})
     _, written = convert_lora_file(tmp_path / "old.safetensors", tmp_path / "k.safetensors", "kohya", component="unet")
     assert written.is_file()
+
+
+@pytest.mark.parametrize("conv, x_shape", [(nn.Conv1d, (2, 8, 10)), (nn.Conv3d, (1, 8, 4, 5, 5))])
+def test_grouped_conv1d_and_conv3d_go_to_peft_exactly(tmp_path, conv, x_shape):
+    torch.manual_seed(0)
+    base = nn.Sequential(conv(8, 6, 3, padding=1, groups=2)).eval()
+    ours = copy.deepcopy(base)
+    convlora.inject_lora(ours, convlora.LoRAConfig(r=3, alpha=2, target_modules=["0"]))
+    randomize_lora_(ours, std=0.2)
+    x = torch.randn(*x_shape)
+    with torch.no_grad():
+        expected = ours.eval()(x)
+    folder = save_peft_adapter(ours, tmp_path / "grouped")
+    with pytest.warns(UserWarning, match="groups > 1"):
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    back = copy.deepcopy(base)
+    load_peft_adapter(back, folder)
+    with torch.no_grad():
+        assert _max_diff(peft_model(x), expected) < TOL
+        assert _max_diff(back.eval()(x), expected) < TOL
