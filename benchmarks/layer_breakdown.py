@@ -53,6 +53,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora as bench  # noqa: E402  (the workloads, presets, rank and machine record)
 
+from convlora.fused import conv_geometry  # noqa: E402
+
 DEFAULT_OUT = bench.REPO / "benchmarks" / "results" / "layer_breakdown.json"
 _conv_backward = torch.ops.aten.convolution_backward.default
 
@@ -104,8 +106,9 @@ def _steps(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, Call
 def _kernels(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
     """Candidate implementations of each LoRA-only kernel (see the module doc), for timing.
 
-    Returns ``{kernel: {form: fn}}``; a form named ``ride:...`` is a pair ``ride:X`` / ``ride:X:base``
-    whose time difference is the cost of riding along the frozen op.
+    Returns ``{kernel: {form: fn}}`` with forms ``thin`` (a separate skinny op), ``fold`` (folding
+    into the frozen weight) and the pair ``ride`` / ``ride:base`` (the frozen op with and without
+    the ``r`` extra channels: their time difference is the cost of riding along).
     """
     A, B, W = layer.lora_A.detach(), layer.lora_B.detach(), layer.weight.detach()
     r = A.shape[0]
@@ -122,21 +125,23 @@ def _kernels(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, di
                     "ride": lambda: torch.mm(g2, WB), "ride:base": lambda: torch.mm(g2, W)},
             "dx": {"thin": lambda: torch.mm(gh_t.t(), A), "fold": lambda: torch.addmm(W, B, A)},
         }
-    n, c_in, c_out = x.shape[0], x.shape[1], W.shape[0]
-    conv_args = (list(layer.stride), list(layer.padding), list(layer.dilation), False, [0] * (x.dim() - 2), 1)
+    n, c_out = x.shape[0], W.shape[0]
+    geo = conv_geometry(layer)  # padding resolved as the layer's own forward resolves it
+    x_padded = x if geo.pre_pad is None else F.pad(x, geo.pre_pad, mode=geo.pre_pad_mode)
+    conv_args = (geo.stride, geo.padding, geo.dilation, False, [0] * (x.dim() - 2), 1)
     h = layer._conv_forward(x, A, None)  # (N, r, *S_out)
     gh = torch.randn_like(h)
     h3, g3 = h.reshape(n, r, -1), g.reshape(n, c_out, -1)
     b_t = B.reshape(c_out, r).t().expand(n, r, c_out)
     WA = torch.cat([W, A])
     return {
-        "dA": {"thin": lambda: _conv_backward(gh, x, A, None, *conv_args, [False, True, False])},
+        "dA": {"thin": lambda: _conv_backward(gh, x_padded, A, None, *conv_args, [False, True, False])},
         "dB": {"thin": lambda: torch.bmm(h3, g3.transpose(1, 2)).sum(0)},
         "h": {"thin": lambda: layer._conv_forward(x, A, None),
               "ride": lambda: layer._conv_forward(x, WA, None)[:, :c_out].contiguous(),
               "ride:base": lambda: layer._conv_forward(x, W, None)},
         "g_h": {"thin": lambda: torch.bmm(b_t, g3)},
-        "dx": {"thin": lambda: _conv_backward(gh, x, A, None, *conv_args, [True, False, False]),
+        "dx": {"thin": lambda: _conv_backward(gh, x_padded, A, None, *conv_args, [True, False, False]),
                "fold": lambda: torch.addmm(W.reshape(c_out, -1), B.reshape(c_out, r), A.reshape(r, -1))},
     }
 
