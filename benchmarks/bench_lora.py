@@ -28,8 +28,8 @@ ratios are medians of per-round ratios (a variant against the reference measured
 cancels most of the drift in other jobs' load); the CPU time of the process
 (``time.process_time``, both threads) is recorded too, since other jobs on shared cores inflate
 wall time. OpenMP's wait policy is left as the environment sets it (the libgomp default: a waiting
-thread spins a while, then sleeps) and recorded; run on a quiet machine (why: at the import of torch).
-The load average before and after each model is recorded with the results.
+thread spins a while, then sleeps) and recorded, so run it on a quiet machine (why: the comment at
+the imports). The load average before and after each model is recorded with the results.
 
 Results are printed as a table and written as JSON (``--out``, default
 ``benchmarks/results/latest.json``; the smoke run writes only where ``--out`` says).
@@ -60,8 +60,8 @@ from pathlib import Path
 # every parallel region then pays a futex wake-up (~50 us here, against ~60 us for a whole r=8 GEMM),
 # which inflated the SD-UNet floor from 962 to 1253 ms and penalised LoRA's many small ops most.
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
