@@ -137,7 +137,7 @@ def test_grouped_convs_export_to_peft_exactly_and_back(tmp_path, use_rslora):
     assert sorted(load_peft_adapter(back, folder)) == ["0", "2", "4"]
     mine, theirs = convlora.lora_layers(ours), convlora.lora_layers(back)
     for path in ranks:
-        assert theirs[path].r == 2 and theirs[path].lora_alpha == pytest.approx(3.0, rel=1e-12)  # (x/sqrt(g)*sqrt(g))
+        assert theirs[path].r == 2 and theirs[path].lora_alpha == pytest.approx(3.0, rel=1e-12)  # 3*sqrt(g)/sqrt(g): last-bit rounding
         with convlora.temporarily_unmerged([mine[path], theirs[path]]):
             assert torch.equal(theirs[path].lora_A, mine[path].lora_A)  # bit-exact round trip
             assert torch.equal(theirs[path].lora_B, mine[path].lora_B)
