@@ -310,6 +310,10 @@ class Linear(LoRALayer, nn.Linear):
         return super()._adapted_forward(x)
 
 
+#: The keys of :func:`conv_geometry_record` (and of a conv's entry in a convlora file's module table).
+CONV_GEOMETRY_KEYS = ("groups", "dilation", "padding_mode")
+
+
 def conv_geometry_record(layer: nn.Module) -> dict[str, Any] | None:
     """``{"groups", "dilation", "padding_mode"}`` of a ConvNd (LoRA or plain); ``None`` for anything else.
 

@@ -18,10 +18,8 @@ from convlora.config import LoRAConfig
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS
+from convlora.layers import CONV_GEOMETRY_KEYS
 from convlora.state import fingerprint
-
-#: Conv geometry keys of a module-table entry (see :func:`convlora.layers.conv_geometry_record`).
-GEOMETRY_KEYS = ("groups", "dilation", "padding_mode")
 
 
 def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
@@ -44,7 +42,7 @@ def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], 
         raise LoRAFormatError(f"{source}: tensors and the convlora_modules header disagree on: {', '.join(undescribed[:12])}")
     modules = pair_modules(groups, lambda path, rank, _: float(table[path]["alpha"]), source)
     for path, module in modules.items():
-        geometry = {k: table[path][k] for k in GEOMETRY_KEYS if k in table[path]}
+        geometry = {k: table[path][k] for k in CONV_GEOMETRY_KEYS if k in table[path]}
         module.geometry = geometry or None  # files written before convlora recorded it have none
     config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
     metadata = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
