@@ -1,16 +1,29 @@
 # The two commands: `make demo` (the main job on the embedded default) and `make test`.
-# Both create the local virtualenv .venv on first use; nothing else needs installing by hand.
+# Both create the local virtualenv .venv on first use, with exactly the versions in
+# requirements.lock; nothing else needs installing by hand. `make lock` re-resolves the lock.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
+UV      = $(VENV)/bin/uv
+LOCK    = requirements.lock
 STAMP   = $(VENV)/.convlora-installed
+UV_VERSION = 0.13.9
 
-.PHONY: demo test test-slow test-all bench bench-breakdown bench-smoke clean-venv
+# uv does not read pip's configuration. Where pip is set up with extra indexes or find-links (a
+# local mirror), hand them to uv, so that both install from the same place.
+UV_MIRROR = idx="$$($(PY) -m pip config get global.extra-index-url 2>/dev/null)"; \
+	links="$$($(PY) -m pip config get global.find-links 2>/dev/null)"; \
+	if [ -n "$$idx" ]; then export UV_EXTRA_INDEX_URL="$$idx" UV_INDEX_STRATEGY=unsafe-best-match; fi; \
+	if [ -n "$$links" ]; then export UV_FIND_LINKS="$$links"; fi
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-slow test-all lock bench bench-breakdown bench-smoke clean-venv
+
+# A changed lock or pyproject rebuilds the venv from nothing, so a stale one never stands in for it.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,test]'
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV_MIRROR); $(UV) pip install -q --python $(PY) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +37,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Re-resolve requirements.lock: the newest versions inside pyproject.toml's ranges, for every platform.
+lock: $(STAMP)
+	$(UV_MIRROR); $(UV) pip compile -q --universal --extra train --extra test pyproject.toml -o $(LOCK)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lora.py
