@@ -12,12 +12,14 @@ or raises naming the leftovers.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from convlora.formats.detect import FORMATS, detect_format, lora_file_of
 from convlora.formats.diffusers import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from convlora.formats.diffusers import from_diffusers, to_diffusers
-from convlora.formats.kohya import from_kohya, to_kohya
+from convlora.formats.kohya import SDXL_BASE_MODEL_VERSION, STANDARD_UNET_LAYOUTS, from_kohya, to_kohya
+from convlora.formats.ldm_names import LDMNames
 from convlora.formats.native import from_native, to_native
 from convlora.formats.peft import (
     from_peft,
@@ -55,8 +57,11 @@ __all__ = [
 _READERS = {"native": from_native, "diffusers": from_diffusers, "kohya": from_kohya}
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[str, LoRAWeights]:
+def read_lora_file(path: str | os.PathLike, unet_config: Mapping[str, object] | None = None) -> tuple[str, LoRAWeights]:
     """Read any supported LoRA file (or PEFT adapter folder) into neutral weights.
+
+    ``unet_config`` (the base's UNet config) numbers LDM-named UNet modules (SDXL kohya files);
+    without it the standard layout of the file's family does.
 
     Returns:
         ``(format, weights)`` with ``format`` one of :data:`FORMATS`.
@@ -72,15 +77,38 @@ def read_lora_file(path: str | os.PathLike) -> tuple[str, LoRAWeights]:
     fmt = detect_format(tensors, header)
     if fmt == "peft":
         return fmt, from_peft(tensors, header, None, source=str(file))
+    if fmt == "kohya":
+        return fmt, from_kohya(tensors, header, source=str(file), unet_config=unet_config)
     return fmt, _READERS[fmt](tensors, header, source=str(file))
 
 
-def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, base_model_version: str = "sd_v1") -> Path:
+def is_sdxl(weights: LoRAWeights) -> bool:
+    """Whether neutral weights adapt an SDXL pipeline, judged without the model: a second text
+    encoder, metadata naming SDXL (``ss_base_model_version`` ``sdxl_*``, ``model_family`` ``sdxl``),
+    or UNet attentions more than one transformer block deep (SD-1.x/2.x UNets have exactly one)."""
+    if "text_encoder_2" in weights.components():
+        return True
+    if str(weights.metadata.get("ss_base_model_version", "")).startswith("sdxl") or weights.metadata.get("model_family") == "sdxl":
+        return True
+    return any(".transformer_blocks." in p and p.split(".transformer_blocks.")[1].split(".")[0] != "0"
+               for p in weights.component("unet"))
+
+
+def write_lora_file(
+    weights: LoRAWeights,
+    path: str | os.PathLike,
+    fmt: str,
+    base_model_version: str | None = None,
+    unet_config: Mapping[str, object] | None = None,
+) -> Path:
     """Write neutral weights as ``fmt``; returns the file (or, for PEFT, folder) written.
 
     For ``"diffusers"`` a folder path (or one without a suffix) gets diffusers' file name
     ``pytorch_lora_weights.safetensors`` inside it; ``"peft"`` always writes a folder.
-    ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one.
+    ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one;
+    ``None``: ``sdxl_base_v1-0`` for SDXL weights (:func:`is_sdxl`), else ``sd_v1``. SDXL kohya files
+    name UNet modules by their LDM paths, numbered by ``unet_config`` (the base's UNet config) or
+    else SDXL's standard layout.
 
     Raises:
         LoRAFormatError: modules recorded as convs those formats' loaders would compute differently
@@ -101,7 +129,10 @@ def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, bas
             path = path / DIFFUSERS_WEIGHT_NAME
         tensors, header = to_diffusers(weights)
     elif fmt == "kohya":
-        tensors, header = to_kohya(weights, base_model_version=base_model_version)
+        xl = str(base_model_version).startswith("sdxl") if base_model_version else is_sdxl(weights)
+        version = base_model_version or (SDXL_BASE_MODEL_VERSION if xl else "sd_v1")
+        names = LDMNames.from_config(unet_config or STANDARD_UNET_LAYOUTS["sdxl"]) if xl else None
+        tensors, header = to_kohya(weights, base_model_version=version, unet_names=names)
     elif fmt == "native":
         tensors, header = to_native(weights)
     else:

@@ -8,9 +8,17 @@ SDXL's two text encoders) followed by the diffusers module path with every ``.``
 text encoders. String metadata: ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``,
 ``ss_network_args`` (``{"conv_dim", "conv_alpha"}``) and ``ss_base_model_version``.
 
+SDXL LoRAs name UNet modules by their original LDM paths, as kohya's ``sdxl_train_network.py``
+writes them (its SDXL UNet is the LDM one) and as ComfyUI (its ``unet_to_diffusers`` table) and
+A1111 (``lora_unet_`` -> ``diffusion_model_``, then the module of that name) look them up:
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``lora_unet_output_blocks_2_2_conv``,
+``lora_unet_middle_block_0_in_layers_2``; the numbering comes from the UNet's layout
+(:class:`convlora.formats.ldm_names.LDMNames`), ``ss_base_model_version`` is ``sdxl_base_v1-0``.
+SD-1.x LoRAs keep diffusers' names, as kohya's ``train_network.py`` writes them.
+
 The names lose their dots. Loading into a model maps them back exactly by comparing with the
 model's module names (:func:`convlora.formats.weights.resolve_paths`); converting without a model
-restores them from the vocabulary of SD-1.x UNet and CLIP module names below.
+restores them from the vocabulary of UNet (diffusers and LDM) and CLIP module names below.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
+from convlora.formats.ldm_names import LDMNames
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
 
@@ -39,12 +48,31 @@ _SEGMENTS = {
     "class_embedding", "conv_norm_out", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
     "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "token_embedding",
     "position_embedding", "text_projection", "encoder_hid_proj",
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "time_embed", "label_emb",
 }  # fmt: skip
+#: First segments of LDM UNet paths (diffusers' never start so).
+_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+
+#: kohya's ``ss_base_model_version`` of SDXL LoRAs (``sdxl_train_util.MODEL_VERSION_SDXL_BASE_V1_0``).
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+#: The UNet layouts that decide LDM numbers when no model is at hand: SDXL's (and its fine-tunes')
+#: and SD-1.x/2.x's. Only the block types and resnets per block matter (not widths or depths).
+STANDARD_UNET_LAYOUTS = {
+    "sdxl": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "layers_per_block": 2},
+    "sd": {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+           "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "layers_per_block": 2},
+}
 _MAX_SEGMENT_WORDS = max(s.count("_") + 1 for s in _SEGMENTS)
 
 
-def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_kohya(
+    weights: LoRAWeights, base_model_version: str = "sd_v1", unet_names: LDMNames | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of a kohya LoRA file.
+
+    ``unet_names`` spells UNet modules by their LDM paths (SDXL; see the module docstring).
 
     rsLoRA scaling ``alpha / sqrt(r)`` has no kohya spelling; it is written as the equivalent
     ``alpha' = alpha * sqrt(r)`` (same outputs in every loader).
@@ -67,7 +95,10 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
     origin: dict[str, str] = {}
     for component in components:
         for path, module in weights.component(component).items():
-            spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
+            if component == "unet":
+                spelled = unet_names.to_ldm(path) if unet_names is not None else path
+            else:
+                spelled = nested_clip_path(path)
             name = prefixes[component] + spelled.replace(".", "_")
             if name in origin:
                 raise LoRAFormatError(f"{origin[name]} and {component}.{path} both become kohya name {name}")
@@ -89,8 +120,17 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
     return tensors, header
 
 
-def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
+def from_kohya(
+    tensors: Mapping[str, torch.Tensor],
+    header: Mapping[str, str],
+    source: str = "file",
+    unet_config: Mapping[str, object] | None = None,
+) -> LoRAWeights:
     """Neutral weights from a kohya file; paths get a component prefix and restored dots.
+
+    LDM-named UNet modules (SDXL) get their diffusers paths, numbered by ``unet_config`` (the
+    base's UNet config) or else by the standard layout of the file's family (SDXL when it has
+    ``lora_te2_`` keys or its ``ss_base_model_version`` says so).
 
     A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). Keys that are
     not ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa,
@@ -109,8 +149,17 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     renamed: dict[str, LoRAModule] = {}
     has_te2 = any(name.startswith("lora_te2_") for name in modules)
+    ldm: LDMNames | None = None
     for name, module in modules.items():
         path = kohya_name_to_path(name, has_te2)
+        if path.startswith("unet.") and path[len("unet.") :].startswith(_LDM_ROOTS):
+            if ldm is None:
+                is_xl = has_te2 or str(header.get("ss_base_model_version", "")).startswith("sdxl")
+                ldm = LDMNames.from_config(unet_config or STANDARD_UNET_LAYOUTS["sdxl" if is_xl else "sd"])
+            try:
+                path = "unet." + ldm.from_ldm(path[len("unet.") :])
+            except ValueError as err:
+                raise LoRAFormatError(f"{source}: {name}: {err}") from None
         if path in renamed:
             raise LoRAFormatError(f"{source}: two kohya names restore to the same module path {path}")
         renamed[path] = module
