@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -200,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="Probability of training a sample with the empty caption (kohya's caption_dropout_rate).")
     g.add_argument("--cache_latents", action="store_true",
-                   help="Encode every image with the VAE once before training (needs --center_crop or square images).")
+                   help="Encode every image with the VAE once before training (needs --center_crop, or images whose "
+                        "resize fills their square or bucket exactly).")
     g.add_argument("--enable_bucket", action="store_true",
                    help="Aspect-ratio bucketing (kohya's): each image is resized and cropped into the bucket of about "
                         "--resolution^2 pixels nearest its aspect ratio; every batch comes from one bucket.")
@@ -450,7 +452,7 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
         model.requires_grad_(False)
         model.eval()
     trained = family.text_encoders if args.train_text_encoder else ()
-    adapted = add_lora(args, unet, {name: text_encoders[name] for name in trained})
+    adapted = add_lora(args, family, unet, {name: text_encoders[name] for name in trained})
 
     # Frozen weights in the accelerator's dtype (read from accelerate: the config file may set it),
     # LoRA parameters in float32, so the optimizer and the fp16 grad scaler work on float32.
@@ -481,8 +483,9 @@ def pipeline_family(args: argparse.Namespace) -> Family:
     return family_from_configs(None, UNet2DConditionModel.load_config(str(path), subfolder="unet", **common))
 
 
-def add_lora(args: argparse.Namespace, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> list[str]:
-    """Inject LoRA into the UNet and the given text encoders and make only it trainable; returns the paths.
+def add_lora(args: argparse.Namespace, family: Family, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> list[str]:
+    """Inject LoRA into the UNet and the given text encoders (not into layers whose output the
+    family never uses) and make only it trainable; returns the paths.
 
     The LoRA A matrices are initialised from the global RNG: the same seed gives the same start in
     every process and in a one-process run.
@@ -498,6 +501,7 @@ def add_lora(args: argparse.Namespace, unet: torch.nn.Module, text_encoders: dic
     for name, encoder in text_encoders.items():
         config = text_encoder_lora_config(encoder_setting(args, name, "preset"), rank=args.rank, alpha=args.lora_alpha,
                                           dropout=args.lora_dropout)
+        config = dataclasses.replace(config, exclude_modules=family.unused_layers(name, encoder))
         adapted += [f"{name}.{p}" for p in inject_lora(encoder, config)]
         mark_only_lora_as_trainable(encoder)
         encoder.train()

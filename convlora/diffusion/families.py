@@ -56,6 +56,18 @@ class Family:
     """The family's VAE overflows in half precision (SDXL's does): keep it float32 unless the user
     gives a VAE fixed for half precision."""
 
+    def unused_layers(self, name: str, encoder: nn.Module) -> str | None:
+        """A regex (``LoRAConfig.exclude_modules``) for the layers of text encoder ``name`` whose
+        output never reaches the UNet, or ``None``.
+
+        SDXL conditions on the penultimate hidden states: the last layer of ``text_encoder`` feeds
+        nothing (``text_encoder_2``'s feeds its pooled projection). LoRA there could never learn,
+        and under DDP its parameters would get no gradient at all.
+        """
+        if not self.uses_time_ids or name != self.text_encoders[0]:
+            return None
+        return rf"(.*\.)?layers\.{encoder.config.num_hidden_layers - 1}\..*"
+
     @property
     def pipeline_class(self) -> type:
         import diffusers

@@ -46,6 +46,7 @@ __all__ = [
     "LoRAWeights",
     "convert_lora_file",
     "detect_format",
+    "is_sdxl",
     "load_peft_adapter",
     "load_weights_into_model",
     "read_lora_file",

@@ -13,10 +13,11 @@ is drawn from a generator seeded by ``(seed, epoch, dataset index)`` (:func:`sam
 sample is the same whatever batch, process or resumed run it lands in. That is what makes a
 resumed run and a multi-process run equal to a straight single-process one.
 
-Shapes:
-    ``pixel_values``  (3, resolution, resolution) float32 in [-1, 1]
-    ``input_ids``     (tokenizer.model_max_length,) int64
-    cached latents    ``latent_mean`` / ``latent_std`` (C, resolution/f, resolution/f) float32
+Shapes (H x W: the ``resolution`` square, or the image's aspect-ratio bucket):
+    ``pixel_values``  (3, H, W) float32 in [-1, 1]
+    ``input_ids``     (tokenizer.model_max_length,) int64 (SDXL adds ``input_ids_2``)
+    ``time_ids``      (6,) int64: original (h, w), crop (top, left), target (h, w) -- SDXL's micro-conditioning
+    cached latents    ``latent_mean`` / ``latent_std`` (C, H/f, W/f) float32
 """
 
 from __future__ import annotations

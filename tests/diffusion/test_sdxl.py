@@ -299,3 +299,26 @@ def test_cli_inspect_convert_doctor_merge_on_sdxl(sdxl_template, sdxl_inputs, tm
     latents, t, states, added = sdxl_inputs
     with torch.no_grad():
         assert relative_error(merged(latents, t, states, added_cond_kwargs=added).sample, _unet_out(ours, sdxl_inputs)) < TOL
+
+
+def test_unet_only_sdxl_file_without_metadata_converts_to_the_sdxl_kohya_spelling(sdxl_template, tmp_path):
+    from convlora.formats import convert_lora_file, is_sdxl, read_lora_file
+
+    pipe = copy.deepcopy(sdxl_template)
+    inject_pipeline_lora(pipe, unet_lora_config("attn", rank=2))
+    src = save_pipeline_lora(tmp_path / "d.safetensors", unet=pipe.unet)
+    assert is_sdxl(read_lora_file(src)[1])  # told by the transformer depth alone
+    _, written = convert_lora_file(src, tmp_path / "k.safetensors", "kohya")
+    tensors, header = read_safetensors(written)
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert "lora_unet_input_blocks_7_1_transformer_blocks_1_attn1_to_q.lora_down.weight" in tensors
+    from convlora.diffusion.tiny import build_tiny_pipeline  # an SD-1.x file stays diffusers-named
+
+    sd_pipe = build_tiny_pipeline(0)
+    inject_pipeline_lora(sd_pipe, unet_lora_config("attn", rank=2))
+    sd_src = save_pipeline_lora(tmp_path / "sd.safetensors", unet=sd_pipe.unet)
+    assert not is_sdxl(read_lora_file(sd_src)[1])
+    _, written = convert_lora_file(sd_src, tmp_path / "sdk.safetensors", "kohya")
+    tensors, header = read_safetensors(written)
+    assert header["ss_base_model_version"] == "sd_v1"
+    assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")) for k in tensors)

@@ -78,6 +78,9 @@ def test_sdxl_trains_unet_and_both_text_encoders_and_loads_in_diffusers(tiny_sdx
     assert "lora_unet_output_blocks_2_2_conv.lora_up.weight" in tensors
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha" in tensors  # attn-mlp on the second encoder
     assert not any("lora_te1_text_model_encoder_layers_0_mlp" in k for k in tensors)  # attn on the first
+    # the first encoder's last layer feeds nothing (SDXL takes its penultimate states): no LoRA there
+    assert not any(k.startswith("lora_te1_text_model_encoder_layers_4_") for k in tensors)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_4_") for k in tensors)
     _, native = read_safetensors(out / "lora_convlora.safetensors")
     assert native["model_family"] == "sdxl" and native["text_encoder_2_lr"] == "0.001"
 
