@@ -60,15 +60,11 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
             f"these paths have none: {', '.join(stray[:6])}"
         )
     components = weights.components()
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-    if "text_encoder_2" in components:
-        prefixes["text_encoder"] = "lora_te1_"
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for component in components:
         for path, module in weights.component(component).items():
-            spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
-            name = prefixes[component] + spelled.replace(".", "_")
+            name = kohya_name(component, path, has_te2="text_encoder_2" in components)
             if name in origin:
                 raise LoRAFormatError(f"{origin[name]} and {component}.{path} both become kohya name {name}")
             origin[name] = f"{component}.{path}"
@@ -87,6 +83,18 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
         conv_alpha = _kohya_alpha(conv_alpha, conv_rank, weights.use_rslora)
         header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha)})
     return tensors, header
+
+
+def kohya_name(component: str, path: str, has_te2: bool = False) -> str:
+    """The kohya module name of ``component``'s module ``path``.
+
+    ``("unet", "down_blocks.0.resnets.0.conv1")`` -> ``lora_unet_down_blocks_0_resnets_0_conv1``;
+    text encoders use the nested CLIP spelling and, next to a second text encoder (SDXL),
+    ``lora_te1_`` / ``lora_te2_``.
+    """
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if has_te2 else "lora_te_", "text_encoder_2": "lora_te2_"}
+    spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
+    return prefixes[component] + spelled.replace(".", "_")
 
 
 def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
