@@ -36,10 +36,11 @@ from torch import nn
 from convlora.formats import read_lora_file
 from convlora.formats.detect import detect_format, lora_file_of
 from convlora.formats.diffusers import METADATA_KEY
-from convlora.formats.kohya import KOHYA_PREFIXES, kohya_name, kohya_name_to_path
+from convlora.formats.kohya import KOHYA_PREFIXES, kohya_name, kohya_name_to_path, unet_layout_of
+from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
 from convlora.formats.peft import ADAPTER_CONFIG, KEY_PREFIX, rank_for
 from convlora.formats.ui_loaders import UNetNames, a1111_target, a1111_unet_name, a1111_view, comfyui_maps, comfyui_view
-from convlora.formats.weights import COMPONENTS, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
+from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
 from convlora.layers import LORA_CLASSES
 from convlora.io import read_safetensors
 from convlora.state import scaling_for
@@ -118,7 +119,7 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
     if len([s for s in styles if s != "unknown"]) > 1:
         summary.append("key styles: " + ", ".join(f"{s} x{n}" for s, n in styles.items()))
     unet_names = _unet_names(base, summary)
-    file = _FileKeys.of(tensors, weights)
+    file = _FileKeys.of(tensors, header, weights)
     verdicts = [
         convlora_verdict,
         _diffusers_verdict(fmt, keys, header, styles, weights),
@@ -173,6 +174,14 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
         if others:
             v.status = "no"
             v.reasons.append(f"not every key starts with lora_unet_/lora_te*_, so its kohya converter is not used: {', '.join(others[:5])}")
+        ldm = [k.split(".")[0] for k in keys if k.startswith("lora_unet_") and LDM_FLAT_NAME.match(k[len("lora_unet_") :])]
+        if ldm:
+            v.status = "no"
+            v.reasons.append(
+                f"{len(set(ldm))} UNet module(s) have LDM names ({ldm[0]}): StableDiffusionPipeline's kohya import "
+                "does not renumber them (only StableDiffusionXLPipeline's does) and load_lora_weights fails; "
+                "`convlora convert FILE OUT --to kohya` writes diffusers-spelled names"
+            )
         elif weights is not None:
             v.reasons += _kohya_alpha_losses(weights)
             if v.reasons and v.status == "ok":
@@ -246,11 +255,17 @@ class _FileKeys:
     alphas: dict[str, float]
     """``<name>.alpha`` key -> its value (one-element tensors only)."""
     weights: LoRAWeights | None
+    ldm_names: LDMNames | None
+    """The UNet layout a kohya file with LDM names records."""
 
     @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor], weights: LoRAWeights | None) -> _FileKeys:
+    def of(cls, tensors: dict[str, torch.Tensor], header: dict[str, str], weights: LoRAWeights | None) -> _FileKeys:
         alphas = {k: float(t.flatten()[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel() == 1}
-        return cls({k: tuple(t.shape) for k, t in tensors.items()}, alphas, weights)
+        try:
+            ldm_names = unet_layout_of(header)
+        except LoRAFormatError:
+            ldm_names = None  # convlora's own verdict names the bad header
+        return cls({k: tuple(t.shape) for k, t in tensors.items()}, alphas, weights, ldm_names)
 
     def path_of(self, stem: str) -> str | None:
         """The module path of convlora's reading that a loader's module name ``stem`` stands for."""
@@ -258,7 +273,10 @@ class _FileKeys:
             return None
         candidates = [stem, stem[len(KEY_PREFIX) :] if stem.startswith(KEY_PREFIX) else stem]
         if stem.startswith(KOHYA_PREFIXES):
-            candidates.append(kohya_name_to_path(stem, has_te2=stem.startswith("lora_te2_")))
+            try:
+                candidates.append(kohya_name_to_path(stem, stem.startswith("lora_te2_"), self.ldm_names))
+            except LoRAFormatError:
+                pass  # an LDM name without a recorded layout: no module of convlora's reading
         plain = re.sub(r"\.processor\.(to_q|to_k|to_v|to_out)$", lambda m: "." + m.group(1), stem)
         candidates.append(plain + ".0" if plain.endswith(".to_out") and plain != stem else plain)
         for candidate in candidates:
@@ -318,7 +336,7 @@ def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) ->
         )
     v.status = "no" if view.skipped else "wrong" if off else "ok"
     renamed = [file.kohya_stem(s) for s in view.skipped + [o.split(" (")[0] for o in off]]
-    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: comfyui_maps(k, unet_names))
+    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: comfyui_maps(k, unet_names), unet_names)
     v.reasons += _no_alpha_note(fmt, file)
     return v
 
@@ -357,7 +375,7 @@ def _a1111_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> V
     v.status = "no" if view.skipped or view.misplaced else "wrong" if off else "ok"
     problems = [s for s in view.skipped if s not in dotted] + list(view.misplaced) + [o.split(" (")[0] for o in off]
     renamed = [file.kohya_stem(s) for s in problems] + [k for s in dotted for k in file.kohya_stems_under(s)]
-    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: a1111_target(k, unet_names) == "")
+    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: a1111_target(k, unet_names) == "", unet_names)
     if unet_names is None and any(s.startswith("lora_unet_") for s in view.scales):
         v.reasons.append("UNet names are renumbered by SD-1.x's block layout, which A1111 assumes: `--base` checks the base has it")
     v.reasons += _no_alpha_note(fmt, file)
@@ -370,7 +388,7 @@ def _renumbered(stem: str, unet_names: UNetNames | None) -> bool:
     return unet_names is not None and unet_names.ldm_of_flat(flat) is not None and a1111_unet_name(flat) is not None
 
 
-def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads) -> list[str]:
+def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet_names: UNetNames | None) -> list[str]:
     """The convert command that fixes a loader's problems, or why none does.
 
     Args:
@@ -385,11 +403,29 @@ def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads) -> l
     if file.weights is not None and file.weights.unprefixed() and fmt != "kohya":
         return ["a single model's file: `convlora convert FILE OUT --to kohya --component unet` (or text_encoder) names its modules for pipelines"]
     unfixed = sorted({k or "(unnamed)" for k in renamed if k is None or not loads(k)})
-    if fmt == "kohya" or len(unfixed) == len(set(renamed)):
-        return ["no `convlora convert` fixes this (its kohya file spells these modules the same way)"]
-    if unfixed:
+    if fmt != "kohya" and not unfixed:
+        return ["fix: `convlora convert FILE OUT --to kohya`"]
+    as_ldm = [_as_ldm(k, unet_names) for k in renamed]
+    if all(k is not None and loads(k) for k in as_ldm):
+        return [
+            "fix: `convlora convert FILE OUT --to kohya --kohya-names ldm --base PIPELINE_DIR` (LDM names, which "
+            "A1111 and ComfyUI apply on any layout; diffusers' StableDiffusionPipeline does not read them, so keep "
+            "a diffusers-spelled file for diffusers)"
+        ]
+    if fmt != "kohya" and len(unfixed) < len(set(renamed)):
         return [f"`convlora convert FILE OUT --to kohya` fixes all but {len(unfixed)} of them: {_short(unfixed)}"]
-    return ["fix: `convlora convert FILE OUT --to kohya`"]
+    return ["no `convlora convert` fixes this (its kohya file spells these modules the same way)"]
+
+
+def _as_ldm(kohya_stem: str | None, unet_names: UNetNames | None) -> str | None:
+    """A kohya UNet name as ``--kohya-names ldm`` writes it for the base (others unchanged)."""
+    if kohya_stem is None or not kohya_stem.startswith("lora_unet_") or unet_names is None:
+        return kohya_stem if kohya_stem is not None and not kohya_stem.startswith("lora_unet_") else None
+    flat = kohya_stem[len("lora_unet_") :]
+    if LDM_FLAT_NAME.match(flat):
+        return kohya_stem
+    ldm = unet_names.ldm_of_flat(flat)
+    return None if ldm is None else "lora_unet_" + ldm
 
 
 def _no_alpha_note(fmt: str, file: _FileKeys) -> list[str]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convlora.formats.kohya import kohya_name_to_path
-from convlora.formats.ldm_names import LDMNames
+from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
 
 # ---- how both split a key into module name and weight part -----------------------------------------
 #: Weight parts ComfyUI's plain-LoRA loader reads (up and down of each spelling), and ``.alpha``.
@@ -60,7 +60,6 @@ COMFYUI_UNET_PATHS = re.compile(
     r"|conv_in|conv_out|conv_norm_out|(time_embedding|add_embedding|class_embedding)\.linear_[12])$"
 )
 _ATTENTION_PROJECTION = re.compile(r"\.(to_q|to_k|to_v|to_out\.0)$")
-_LDM_UNET_NAME = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d")
 #: The CLIP text-encoder modules ComfyUI maps (``LORA_CLIP_MAP``), dotted.
 COMFYUI_CLIP_MODULES = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj")
 _CLIP_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
@@ -122,7 +121,7 @@ def comfyui_maps(stem: str, unet_names: UNetNames | None = None) -> bool:
         if unet_names is not None:
             path = unet_names.path_of_flat(flat)
             return bool(path and COMFYUI_UNET_PATHS.match(path)) or flat in unet_names.flat_ldm
-        return bool(COMFYUI_UNET_PATHS.match(kohya_name_to_path(stem)[len("unet.") :]) or _LDM_UNET_NAME.match(flat))
+        return bool(LDM_FLAT_NAME.match(flat) or COMFYUI_UNET_PATHS.match(kohya_name_to_path(stem)[len("unet.") :]))
     for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
         if stem.startswith(prefix):
             return _is_clip_layer_module(stem[len(prefix) :], flat=True)
@@ -215,7 +214,7 @@ def a1111_target(stem: str, unet_names: UNetNames | None) -> str | None:
     flat = stem[len("lora_unet_") :]
     sd1_name = a1111_unet_name(flat)
     if unet_names is None:
-        return "" if sd1_name is not None or _LDM_UNET_NAME.match(flat) else None
+        return "" if sd1_name is not None or LDM_FLAT_NAME.match(flat) else None
     meant = unet_names.ldm_of_flat(flat)
     if sd1_name is not None and sd1_name in unet_names.flat_ldm:
         return "" if sd1_name == meant else sd1_name

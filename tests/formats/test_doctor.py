@@ -28,6 +28,11 @@ UPSAMPLER_DROP = (
 )
 FIX = "fix: `convlora convert FILE OUT --to kohya`"
 NO_FIX = "no `convlora convert` fixes this (its kohya file spells these modules the same way)"
+LDM_FIX = (
+    "fix: `convlora convert FILE OUT --to kohya --kohya-names ldm --base PIPELINE_DIR` (LDM names, which A1111 and "
+    "ComfyUI apply on any layout; diffusers' StableDiffusionPipeline does not read them, so keep a diffusers-spelled "
+    "file for diffusers)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +121,32 @@ def test_kohya_file_loads_in_both_and_a1111_loses_the_tiny_upsampler(files, base
 
     v = verdicts(files["kohya"], base=base)
     assert (v[COMFYUI].status, v[COMFYUI].reasons) == ("ok", [])
-    assert v[A1111].status == "no" and v[A1111].reasons == [UPSAMPLER_DROP, NO_FIX]
+    assert v[A1111].status == "no" and v[A1111].reasons == [UPSAMPLER_DROP, LDM_FIX]
     assert not diagnose(files["kohya"], base=base).healthy
 
 
-def test_diffusers_file_on_the_tiny_base_convert_fixes_all_but_the_upsampler(files, base):
-    assert verdicts(files["diffusers"], base=base)[A1111].reasons[1] == (
-        "`convlora convert FILE OUT --to kohya` fixes all but 1 of them: lora_unet_up_blocks_0_upsamplers_0_conv"
-    )
+def test_diffusers_file_on_the_tiny_base_needs_ldm_names_for_a1111(files, base):
+    v = verdicts(files["diffusers"], base=base)
+    assert v[A1111].reasons[1] == LDM_FIX
+    assert v[COMFYUI].reasons[-1] == FIX  # ComfyUI numbers diffusers names by the model's own layout
+
+
+def test_ldm_named_kohya_file_loads_in_a1111_and_comfyui_not_in_diffusers(files, base, tmp_path):
+    from convlora.cli import main
+
+    out = tmp_path / "ldm.safetensors"
+    assert main(["convert", str(files["kohya"]), str(out), "--to", "kohya", "--kohya-names", "ldm", "--base", str(tmp_path / "pipe")]) == 2
+    base["unet"].save_config(tmp_path / "pipe" / "unet")
+    assert main(["convert", str(files["kohya"]), str(out), "--to", "kohya", "--kohya-names", "ldm", "--base", str(tmp_path / "pipe")]) == 0
+    assert "lora_unet_output_blocks_2_2_conv.lora_down.weight" in read_safetensors(out)[0]
+    v = verdicts(out, base=base)
+    assert [(v[COMFYUI].status, v[COMFYUI].reasons), (v[A1111].status, v[A1111].reasons)] == [("ok", []), ("ok", [])]
+    diffusers = v["diffusers StableDiffusionPipeline.load_lora_weights"]
+    assert diffusers.status == "no" and diffusers.reasons == [
+        "117 UNet module(s) have LDM names (lora_unet_input_blocks_1_0_emb_layers_1): StableDiffusionPipeline's kohya "
+        "import does not renumber them (only StableDiffusionXLPipeline's does) and load_lora_weights fails; "
+        "`convlora convert FILE OUT --to kohya` writes diffusers-spelled names"
+    ]
 
 
 def test_a1111_numbering_lands_on_another_module_of_a_one_layer_base(tmp_path):
@@ -137,7 +160,7 @@ def test_a1111_numbering_lands_on_another_module_of_a_one_layer_base(tmp_path):
     assert v.reasons == [
         "applies 1 UNet module(s) to another module (SD-1.x's numbering on a base of another layout): "
         "lora_unet_up_blocks_1_resnets_0_conv1 -> output_blocks_3_0_in_layers_2",
-        NO_FIX,
+        LDM_FIX,
     ]
 
 
