@@ -8,6 +8,10 @@ SDXL's two text encoders) followed by the diffusers module path with every ``.``
 text encoders. String metadata: ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``,
 ``ss_network_args`` (``{"conv_dim", "conv_alpha"}``) and ``ss_base_model_version``.
 
+Optionally (``ldm_names``) UNet modules are named by their LDM / original-Stable-Diffusion names
+(``lora_unet_input_blocks_4_1_proj_in``, see :mod:`convlora.formats.ldm_names`), with the UNet
+layout recorded in the header (:data:`UNET_LAYOUT_KEY`) so they read back exactly.
+
 The names lose their dots. Loading into a model maps them back exactly by comparing with the
 model's module names (:func:`convlora.formats.weights.resolve_paths`); converting without a model
 restores them from the vocabulary of SD-1.x UNet and CLIP module names below.
