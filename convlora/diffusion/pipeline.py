@@ -18,6 +18,7 @@ from torch import nn
 
 from convlora.config import LoRAConfig
 from convlora.diffusion.families import SD, SDXL, family_of_pipeline
+from convlora.formats.ldm_names import LDMNames
 from convlora.formats import FORMATS, LoRAFormatError, LoRAWeights, read_lora_file, write_lora_file
 from convlora.formats.weights import (
     check_portable_geometry,
@@ -136,8 +137,10 @@ def save_pipeline_lora(
     if base_model_version is None:
         is_xl = text_encoder_2 is not None or (unet is not None and family_of_pipeline(unet) is SDXL)
         base_model_version = (SDXL if is_xl else SD).kohya_base_model_version
-    unet_config = getattr(unet, "config", None) if unet is not None else None
-    return write_lora_file(weights, path, format, base_model_version=base_model_version, unet_config=unet_config)
+    ldm_names = None
+    if format == "kohya" and base_model_version.startswith("sdxl") and unet is not None and hasattr(unet, "config"):
+        ldm_names = LDMNames.from_config(unet.config)  # SDXL kohya files: LDM names in this UNet's layout
+    return write_lora_file(weights, path, format, base_model_version=base_model_version, ldm_names=ldm_names)
 
 
 def load_pipeline_lora(

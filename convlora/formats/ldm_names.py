@@ -30,11 +30,15 @@ they are the diffusers names. The numbering is the one diffusers' own checkpoint
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LDMNames"]
+__all__ = ["LDM_FLAT_NAME", "LDMNames"]
+
+#: How an LDM UNet module name starts once its dots are ``_`` (as in kohya files).
+LDM_FLAT_NAME = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d")
 
 # Blocks whose LDM counterpart has a transformer (index 1) after each resnet (index 0).
 _DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
@@ -70,6 +74,8 @@ class LDMNames:
     """
 
     blocks: Mapping[str, str]
+    layout: Mapping[str, Any]
+    """The config fields the names depend on (JSON-ready; :meth:`from_config` of it gives these names)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LDMNames:
@@ -102,7 +108,8 @@ class LDMNames:
             blocks["mid_block.resnets.1"] = "middle_block.2"
         blocks.update(_up_blocks(up, [n + 1 for n in reversed(layers)]))
         blocks.update(_TOP_LEVEL)
-        return cls(blocks)
+        layout = {"down_block_types": list(down), "up_block_types": list(up), "mid_block_type": mid, "layers_per_block": layers}
+        return cls(blocks, layout)
 
     def to_ldm(self, path: str) -> str:
         """``down_blocks.0.resnets.1.conv1`` -> ``input_blocks.2.0.in_layers.2``.
@@ -141,6 +148,29 @@ class LDMNames:
         elif ".downsamplers." in diffusers_prefix and (inner == "op" or inner.startswith("op.")):
             inner = "conv" + inner[len("op") :]
         return ".".join(s for s in (diffusers_prefix, inner) if s)
+
+
+    def from_flat_ldm(self, flat: str) -> str:
+        """An LDM name with every ``.`` as ``_`` (kohya's spelling) -> the diffusers module path.
+
+        ``output_blocks_2_2_conv`` -> ``up_blocks.0.upsamplers.0.conv``; inside a transformer the
+        dots come back from kohya's vocabulary of diffusers names.
+
+        Raises:
+            ValueError: no block of this layout starts the name (named).
+        """
+        from convlora.formats.kohya import restore_dots
+
+        by_flat = {ldm.replace(".", "_"): ldm for ldm in self.blocks.values()}
+        parts = flat.split("_")
+        for end in range(len(parts), 0, -1):
+            ldm = by_flat.get("_".join(parts[:end]))
+            if ldm is None:
+                continue
+            rest = "_".join(parts[end:])
+            inner = next((name for name in (*_RESNET_INNER.values(), "op") if name.replace(".", "_") == rest), None)
+            return self.from_ldm(".".join(s for s in (ldm, inner or restore_dots(rest)) if s))
+        raise ValueError(f"LDM UNet name {flat!r} starts with no block of this layout")
 
 
 def _per_block(value: int | Sequence[int], n_blocks: int) -> list[int]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from convlora.diffusion import inject_pipeline_lora, save_pipeline_lora, text_encoder_lora_config, unet_lora_config
 from convlora.diffusion.tiny import tiny_unet_config
 from convlora.formats.ldm_names import LDMNames
+from convlora.testing import randomize_lora_
 
 # SD-1.x's layout (4 levels, attention in the first three down / last three up blocks), small channels.
 SD1_SHAPED = dict(
@@ -76,3 +79,49 @@ def test_unknown_layouts_and_paths_are_named():
         names.to_ldm("down_blocks.7.resnets.0.conv1")
     with pytest.raises(ValueError, match=r"LDM UNet module 'output_blocks.9.0.in_layers.2' does not exist"):
         names.from_ldm("output_blocks.9.0.in_layers.2")
+
+
+@pytest.mark.parametrize("config", [tiny_unet_config(), SD1_SHAPED, SDXL_SHAPED], ids=["tiny", "sd1", "sdxl"])
+def test_kohya_spelled_ldm_names_come_back_as_diffusers_paths(config):
+    unet = UNet2DConditionModel(**config)
+    names = LDMNames.from_config(unet.config)
+    paths = [p for p, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(paths) > 50
+    for path in paths:
+        assert names.from_flat_ldm(names.to_ldm(path).replace(".", "_")) == path
+    assert LDMNames.from_config(names.layout) == names  # the layout a kohya header records gives the same names
+
+
+def test_ldm_named_kohya_file_reads_back_exactly_loads_into_convlora_and_diffusers_refuses_it(tmp_path):
+    from convlora.diffusion import load_pipeline_lora
+    from convlora.diffusion.tiny import build_tiny_pipeline
+    from convlora.formats import LoRAFormatError, read_lora_file, write_lora_file
+    from convlora.io import read_safetensors
+    from safetensors.torch import save_file
+
+    pipe = build_tiny_pipeline(0)
+    inject_pipeline_lora(pipe, unet_lora_config("full", rank=4, alpha=8, conv_rank=2, conv_alpha=1), text_encoder_lora_config("attn", rank=4))
+    randomize_lora_(pipe.unet, seed=0)
+    randomize_lora_(pipe.text_encoder, seed=1)
+    _, weights = read_lora_file(save_pipeline_lora(tmp_path / "k.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder, format="kohya"))
+    path = write_lora_file(weights, tmp_path / "ldm.safetensors", "kohya", ldm_names=LDMNames.from_config(pipe.unet.config))
+    tensors, header = read_safetensors(path)
+    assert "lora_unet_output_blocks_2_2_conv.alpha" in tensors and "lora_unet_input_blocks_4_1_proj_in.lora_up.weight" in tensors
+    _, back = read_lora_file(path)
+    assert sorted(back.modules) == sorted(weights.modules) and "convlora_unet_layout" not in back.metadata
+    for p, m in weights.modules.items():
+        assert torch.equal(back.modules[p].lora_A, m.lora_A) and torch.equal(back.modules[p].lora_B, m.lora_B)
+        assert back.modules[p].alpha == m.alpha
+
+    fresh = build_tiny_pipeline(0)
+    load_pipeline_lora(path, unet=fresh.unet, text_encoder=fresh.text_encoder)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert (fresh.unet(x, torch.tensor([3]), c).sample - pipe.unet(x, torch.tensor([3]), c).sample).abs().max() < 1e-6
+    with pytest.raises(Exception, match="not found in the base model"):  # StableDiffusionPipeline does not renumber LDM names
+        build_tiny_pipeline(0).load_lora_weights(path)
+
+    save_file(tensors, tmp_path / "no_layout.safetensors", {k: v for k, v in header.items() if k != "convlora_unet_layout"})
+    with pytest.raises(LoRAFormatError, match=r"lora_unet_\w+ is an LDM \(original Stable Diffusion\) UNet name, and the file does not record the UNet layout"):
+        read_lora_file(tmp_path / "no_layout.safetensors")
