@@ -78,6 +78,7 @@ from convlora.training.data import (  # noqa: E402
     cache_latents,
     clip_tokenize,
     collate,
+    epoch_loader,
     load_hf_source,
     read_image_folder,
     sample_seed,
@@ -686,10 +687,8 @@ def main(argv: list[str] | None = None) -> dict:
     for epoch in range(first_epoch, args.num_train_epochs):
         for model in trained_models:
             model.train()
-        loader, skipped_batches = train_dataloader, 0
-        if epoch == first_epoch and batches_to_skip:
-            loader, skipped_batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)  # the shuffle order and every per-sample draw depend on it
+        skipped_batches = batches_to_skip if epoch == first_epoch else 0
+        loader = epoch_loader(train_dataloader, epoch, skipped_batches)  # the shuffle order and every per-sample draw
         for batch_in_epoch, batch in enumerate(loader, start=skipped_batches):
             # The global RNG only drives LoRA dropout; seeding it per batch keeps resume exact.
             torch.manual_seed(sample_seed(args.seed, "batch", epoch, batch_in_epoch, accelerator.process_index))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,36 @@ def test_sigkill_while_saving_then_exact_resume(tiny_base, toy_data, tmp_path):
         for name in ("optimizer", "lr_scheduler", "progress"):
             assert (sa / f"{name}.json").read_text() == (sb / f"{name}.json").read_text(), (step, name)
     ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(killed / "lora_convlora.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _wide_images(folder: Path, n: int = 8) -> Path:
+    """``n`` 40x32 images (a random crop to 32 moves) with two captions each."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": [f"a photo of a sks ball {i}", f"a sks ball {i}"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
+    # 8 images, batch 2: 4 steps per epoch; checkpoint-10 is half-way through epoch 2 (0-based).
+    # Random crop, random flip and caption dropout on, so every epoch draws differently.
+    data = _wide_images(tmp_path / "wide")
+    common = dict(max_train_steps=12, checkpointing_steps=10, random_flip=True, caption_dropout=0.3, lora_dropout=0.1,
+                  lr_scheduler="cosine", lr_warmup_steps=2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check_ok(launch(script_args(tiny_base, data, straight, **common)))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    output = check_ok(launch(script_args(tiny_base, data, resumed, resume_from_checkpoint="checkpoint-10", **common)))
+    assert "at step 10" in output
+    a, b = summary(straight), summary(resumed)
+    assert len(a["losses"]) == 12 and a["losses"] == b["losses"] and a["learning_rates"] == b["learning_rates"]
+    ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(resumed / "lora_convlora.safetensors")[0]
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
