@@ -20,7 +20,10 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
   ``(seed, epoch, dataset index)``: N processes give the same weights as one process with an
   N-times larger batch, and a resumed run equals a straight one (weights, optimizer, LR, losses).
 * Checkpoints are written to a temporary folder and renamed when complete, rotated by step number,
-  and hold no pickles; a resume path that does not exist is an error.
+  and hold no pickles; a resume path that does not exist, a checkpoint missing a file, or one made
+  with other LoRA settings is an error.
+* Arguments, the output folder and the resolution are checked before any work; a failure the
+  script can name prints one line (``error: ...``) and exits with 1 (2 for an argument).
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
@@ -49,6 +52,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -956,7 +960,10 @@ def command_line(argv: list[str] | None = None) -> int:
     disk, a diverged loss) prints one line, no traceback, and gives exit code 1."""
     try:
         main(argv)
-    except (NonFiniteLossError, ValueError, OSError) as err:  # DataError, CheckpointError, LoRAFileError are ValueErrors
+    # DataError, CheckpointError, LoRAFileError are ValueErrors; safetensors reports a full disk as a SafetensorError
+    except (NonFiniteLossError, ValueError, OSError, SafetensorError) as err:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line first
+            bar.close()
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

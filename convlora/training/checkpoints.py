@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
@@ -253,7 +254,7 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(final, err) from err
     except BaseException:
@@ -264,8 +265,8 @@ def save_checkpoint(
     return final
 
 
-def _write_error(final: Path, err: OSError) -> CheckpointError:
-    return CheckpointError(f"cannot write {final.name} in {final.parent}: {err.strerror or err}; "
+def _write_error(final: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot write {final.name} in {final.parent}: {getattr(err, 'strerror', None) or err}; "
                            "the earlier checkpoints are untouched")
 
 

@@ -39,7 +39,9 @@ def _fails(script, capsys, argv, code=1) -> str:
     err = capsys.readouterr().err
     assert rc == code, err[-2000:]
     assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    errors = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1, err[-2000:]
+    return errors[0]
 
 
 # ---- arguments: refused at the start, one line, exit 2 ------------------------------------------

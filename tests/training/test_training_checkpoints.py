@@ -270,10 +270,15 @@ def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
 def test_a_full_disk_is_a_checkpoint_error_and_leaves_no_temporaries(tiny_filesystem):
     first = save_checkpoint(tiny_filesystem, 1, _writer(1))
 
-    def big(folder):
+    def big_file(folder):
         (folder / "weights.bin").write_bytes(os.urandom(128 * 1024))
 
+    def big_state(folder):  # safetensors reports the full disk as its own error, not an OSError
+        write_state(folder, "optimizer", {"exp_avg": torch.zeros(32 * 1024)})
+
     with pytest.raises(CheckpointError, match="cannot write checkpoint-2 in .*: No space left on device; the earlier"):
-        save_checkpoint(tiny_filesystem, 2, big)
+        save_checkpoint(tiny_filesystem, 2, big_file)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint-2 in .*: .*No space left on device \(os error 28\)"):
+        save_checkpoint(tiny_filesystem, 2, big_state)
     assert [p.name for p in tiny_filesystem.iterdir()] == ["checkpoint-1"]
     assert json.loads((first / "data.json").read_text()) == {"value": 1}
