@@ -24,7 +24,8 @@ from convlora.formats.weights import (
     uses_rslora,
     weights_from_model,
 )
-from convlora.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, unload
+from convlora.header import user_metadata
+from convlora.inject import inject_lora, unchanged_on_error
 
 __all__ = [
     "TRAINING_METADATA",
@@ -154,24 +155,12 @@ def load_pipeline_lora(
             "model was given; pass it, or strict=False to skip it"
         )
     result: dict[str, Any] = {"format": fmt, "metadata": dict(weights.metadata), "unet": [], "text_encoder": []}
-    snapshots = {}  # restore models already loaded if a later one fails
-    try:
+    with unchanged_on_error(*(models[name] for name in parts if models.get(name) is not None)):
         for name, modules in parts.items():
-            model = models.get(name)
-            if model is None:
-                continue
-            snapshots[name] = lora_state_dict(model, bias="none") if lora_layers(model) else None
-            result[name] = load_weights_into_model(
-                model, modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
-            )
-    except Exception:
-        for name, snapshot in snapshots.items():
-            if name in result and result[name]:  # this component was loaded before the failure
-                if snapshot is None:
-                    unload(models[name])
-                else:
-                    load_lora_state_dict(models[name], snapshot, bias="none")
-        raise
+            if models.get(name) is not None:
+                result[name] = load_weights_into_model(
+                    models[name], modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
+                )
     return result
 
 
@@ -230,15 +219,4 @@ def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | N
 
 
 def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    extra = dict(metadata or {})
-    bad = [
-        k
-        for k, v in extra.items()
-        if not isinstance(k, str) or not isinstance(v, str) or k.startswith("convlora_") or k in _RESERVED_METADATA
-    ]
-    if bad:
-        raise ValueError(
-            "metadata must map strings to strings, and 'convlora_*', 'format', 'lora_adapter_metadata' are "
-            f"reserved; offending keys: {bad}"
-        )
-    return extra
+    return user_metadata(metadata, reserved=_RESERVED_METADATA)

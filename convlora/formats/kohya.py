@@ -23,6 +23,7 @@ import torch
 
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
+from convlora.header import tensor_alpha
 
 #: Header keys that describe the tensors (rank, alpha, conv dims); written from the weights.
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
@@ -92,19 +93,25 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
 def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
     """Neutral weights from a kohya file; paths get a component prefix and restored dots.
 
-    A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). Keys that are
-    not ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa,
-    LoKr, DoRA scales, ...) are named in an error.
+    A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default), and so does a
+    stored alpha of 0 (sd-scripts' ``networks/lora.py`` reads 0 as "alpha is rank"); a NaN, inf or
+    negative alpha, or an ``.alpha`` that is not one number, is refused by name. Keys that are not
+    ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa, LoKr,
+    DoRA scales, ...) are named in an error.
     """
     prefixed = {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)}
     groups, leftovers = split_lora_keys(
-        prefixed, {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+        prefixed, {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}, source
     )
     leftovers += [k for k in tensors if not k.startswith(KOHYA_PREFIXES)]
     raise_on_leftovers(leftovers, source, " (convlora imports plain LoRA / LoCon: no LoHa, LoKr or DoRA)")
-    modules = pair_modules(
-        groups, lambda name, rank, group: float(group["alpha"].item()) if "alpha" in group else float(rank), source
-    )
+
+    def alpha_of(name: str, rank: int, group) -> float:
+        if "alpha" not in group:
+            return float(rank)
+        return tensor_alpha(group["alpha"], f"{name}.alpha", rank, source, zero_means_rank=True)
+
+    modules = pair_modules(groups, alpha_of, source)
     if not modules:
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     renamed: dict[str, LoRAModule] = {}
