@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from convlora.inject import (
 from convlora.layers import LORA_CLASSES, conv_geometry_record
 from convlora.state import check_finite, fingerprint
 
-__all__ = ["LoRAFileError", "load_lora", "read_safetensors", "save_lora", "write_safetensors"]
+__all__ = ["LoRAFileError", "load_lora", "read_safetensors", "replace_folder", "save_lora", "write_safetensors"]
 
 FORMAT_VERSION = "1"
 RESERVED_KEYS = ("convlora_format", "convlora_config", "convlora_modules", "convlora_fingerprint")
@@ -67,6 +68,48 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a whole folder atomically: ``write(tmp)`` fills a temporary sibling, which then takes ``path``'s place.
+
+    Files already in ``path`` that ``write`` does not produce (a README, other models) are carried
+    over. An error (a full disk, a failing ``write``) removes the temporary folder and leaves ``path``
+    as it was; a crash leaves at most a hidden ``.<name>.*.tmp`` sibling, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700; give the usual folder mode
+        if path.exists():
+            _carry_over(path, tmp)
+            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _carry_over(src: Path, dst: Path) -> None:
+    """Copy into ``dst`` every entry of ``src`` that ``dst`` lacks (folders present in both: recursively)."""
+    for entry in src.iterdir():
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if target.is_dir():
+                _carry_over(entry, target)
+            elif not target.exists():
+                shutil.copytree(entry, target, symlinks=True)
+        elif not target.exists():
+            shutil.copy2(entry, target, follow_symlinks=False)
 
 
 def _current_umask() -> int:

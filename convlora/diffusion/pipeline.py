@@ -30,6 +30,7 @@ from convlora.inject import inject_lora, unchanged_on_error
 __all__ = [
     "TRAINING_METADATA",
     "build_pipeline_skeleton",
+    "stored_dtypes",
     "inject_pipeline_lora",
     "load_pipeline_lora",
     "save_pipeline_lora",
@@ -199,6 +200,31 @@ def build_pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
     if not models:
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no unet/ or text_encoder/ config.json)")
     return models
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtypes(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The dtype each floating tensor of each component is stored in: ``{"unet": {"conv_in.weight": torch.float16, ...}}``.
+
+    Read from the safetensors headers of the component folders (no tensor is loaded); components
+    without safetensors weights are left out.
+    """
+    import torch
+    from safetensors import safe_open
+
+    dtypes: dict[str, dict[str, Any]] = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for file in sorted(sub.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            except Exception as err:  # safetensors raises its own error kinds
+                raise LoRAFormatError(f"{file} is not a readable safetensors file: {err}") from None
+            found = {k: getattr(torch, _SAFETENSORS_DTYPES[v]) for k, v in kinds.items() if v in _SAFETENSORS_DTYPES}
+            dtypes.setdefault(sub.name, {}).update(found)
+    return dtypes
 
 
 def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | None], path) -> dict[str, dict]:
