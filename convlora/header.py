@@ -228,21 +228,24 @@ def peft_config_file(path: Path) -> dict[str, Any]:
 
 
 # ---- alpha kept in a tensor (kohya, some diffusers-style files) -------------------------------------
-def tensor_alpha(tensor: torch.Tensor, key: str, rank: int, source: str, zero_means_rank: bool = False) -> float:
+def tensor_alpha(tensor: torch.Tensor, key: str, source: str) -> float:
     """The alpha stored in a one-element tensor ``key``.
 
-    Args:
-        zero_means_rank: kohya's rule (sd-scripts ``networks/lora.py``): a stored alpha of 0 means
-            ``alpha = rank``, i.e. scaling 1.
+    A stored 0 is refused with its own message: loaders disagree on it. kohya's sd-scripts
+    (``networks/lora.py``) read it as ``alpha = rank``; A1111, ComfyUI and diffusers scale by
+    ``alpha / rank`` and so switch the module off. A file must mean one thing in every tool.
 
     Raises:
-        LoRAFileError: not exactly one element, not a real number, or not a valid alpha.
+        LoRAFileError: not exactly one element, not a real number, 0, or not a valid alpha.
     """
     if tensor.numel() != 1:
         raise LoRAFileError(f"{source}: {key} must hold one number, it has shape {tuple(tensor.shape)}")
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise LoRAFileError(f"{source}: {key} must be a real number, it is {str(tensor.dtype).replace('torch.', '')}")
     value = float(tensor.reshape(()).item())
-    if value == 0 and zero_means_rank:
-        return float(rank)
+    if value == 0:
+        raise LoRAFileError(
+            f"{source}: {key} is 0, which loaders read differently (kohya's sd-scripts: alpha = rank; A1111, "
+            "ComfyUI and diffusers: the module switched off); write the alpha you mean (the rank, for scale 1)"
+        )
     return _checked(checked_alpha, value, f"{source}: {key}")

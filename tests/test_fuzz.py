@@ -191,8 +191,7 @@ def test_kohya_alpha_tensors(budget):
             _, weights = read_lora_file(path)
         except ValueError:
             return
-        stored = float(alpha.reshape(()).item())
-        assert weights.modules["unet.conv_in"].alpha == (2.0 if stored == 0 else stored) > 0
+        assert weights.modules["unet.conv_in"].alpha == float(alpha.reshape(()).item()) > 0
 
     run()
 

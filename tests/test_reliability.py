@@ -52,7 +52,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 X = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(9))
 
 
-# ---- 1. training in eval mode learns, exactly as in train mode --------------------------------------
+# ---- training in eval mode learns, exactly as in train mode --------------------------------------
 def _train(model: nn.Module, mode: bool, steps: int = 20) -> list[float]:
     convlora.mark_only_lora_as_trainable(model)
     model.train(mode)
@@ -103,7 +103,7 @@ def test_merged_layer_follows_a_new_alpha():
     assert relative_error(model(X), reference) < 1e-6 and model[2].merged
 
 
-# ---- 2. tied weights ---------------------------------------------------------------------------------
+# ---- tied weights ---------------------------------------------------------------------------------
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -138,7 +138,7 @@ def test_tied_weights_are_never_merged_into():
     assert isinstance(model.lm_head, convlora.Linear)
 
 
-# ---- 3. mixed rsLoRA and plain LoRA ------------------------------------------------------------------
+# ---- mixed rsLoRA and plain LoRA ------------------------------------------------------------------
 def test_mixed_rslora_and_plain_lora_keep_their_scaling_on_reload(tmp_path):
     model = small_model()
     convlora.inject_lora(model, convlora.LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=["0"]))
@@ -155,7 +155,7 @@ def test_mixed_rslora_and_plain_lora_keep_their_scaling_on_reload(tmp_path):
         read_lora_file(path)
 
 
-# ---- 4. non-finite / non-float tensors and nonsense alphas ------------------------------------------
+# ---- non-finite / non-float tensors and nonsense alphas ------------------------------------------
 def _native_file(tmp_path, edit_tensors=None, edit_table=None, name="edited.safetensors"):
     path = convlora.save_lora(adapted(), tmp_path / "good.safetensors")
     tensors, header = read_safetensors(path)
@@ -227,7 +227,7 @@ def test_lora_config_and_layers_refuse_nonsense_alpha(alpha):
     assert layer.lora_alpha == 2.0 and layer.scaling == 1.0
 
 
-# ---- 5. fp16 merge overflow --------------------------------------------------------------------------
+# ---- fp16 merge overflow --------------------------------------------------------------------------
 def fp16_overflowing_model() -> nn.Module:
     """An fp16 Linear whose ΔW is 9e4: finite in fp32, beyond fp16's 65504."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).to(torch.float16)
@@ -264,7 +264,7 @@ def test_eval_that_cannot_merge_one_layer_still_switches_every_module():
     assert torch.isfinite(model[2].weight).all()
 
 
-# ---- 6. one module in two key styles -----------------------------------------------------------------
+# ---- one module in two key styles -----------------------------------------------------------------
 def test_one_module_in_two_key_styles_is_refused(tmp_path):
     a, b = torch.randn(2, 8), torch.randn(8, 2)
     tensors = {
@@ -277,7 +277,7 @@ def test_one_module_in_two_key_styles_is_refused(tmp_path):
         read_lora_file(path)
 
 
-# ---- 8. failed loads leave the model as it was -------------------------------------------------------
+# ---- failed loads leave the model as it was -------------------------------------------------------
 def test_pipeline_load_failing_in_the_text_encoder_restores_the_unet(tmp_path):
     from convlora.diffusion import inject_pipeline_lora, load_pipeline_lora, save_pipeline_lora
     from convlora.diffusion import text_encoder_lora_config, unet_lora_config
@@ -316,20 +316,32 @@ def test_nan_file_into_a_merged_model_changes_nothing(tmp_path):
     assert torch.equal(model(X), out_before)
 
 
-# ---- 10. kohya alpha 0 -------------------------------------------------------------------------------
-def test_kohya_alpha_zero_means_alpha_equals_rank_as_in_sd_scripts(tmp_path):
-    a, b = torch.randn(4, 8), torch.randn(8, 4)
+# ---- kohya alpha 0 -------------------------------------------------------------------------------
+def test_kohya_alpha_zero_is_refused_because_loaders_disagree(tmp_path):
+    """sd-scripts read a stored 0 as alpha = rank, A1111 / ComfyUI / diffusers as a switched-off module:
+    convlora refuses it in every tool (load, convert, inspect) rather than pick one meaning."""
+    from convlora.diffusion import load_pipeline_lora
+    from convlora.diffusion.tiny import build_tiny_pipeline
+    from convlora.formats import convert_lora_file
+
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
     base = {"lora_unet_mid_block_attentions_0_to_q.lora_down.weight": a, "lora_unet_mid_block_attentions_0_to_q.lora_up.weight": b}
     zero, ranked = tmp_path / "zero.safetensors", tmp_path / "rank.safetensors"
     save_file({**base, "lora_unet_mid_block_attentions_0_to_q.alpha": torch.tensor(0.0)}, str(zero))
     save_file({**base, "lora_unet_mid_block_attentions_0_to_q.alpha": torch.tensor(4.0)}, str(ranked))
-    (module,) = read_lora_file(zero)[1].modules.values()
-    assert module.alpha == 4.0 and read_lora_file(ranked)[1].modules["unet.mid_block.attentions.0.to_q"].alpha == 4.0
-    # A converted file says so explicitly, so every loader reads scale 1.
-    from convlora.formats import convert_lora_file
-
-    _, written = convert_lora_file(zero, tmp_path / "again.safetensors", "kohya")
-    assert read_safetensors(written)[0]["lora_unet_mid_block_attentions_0_to_q.alpha"].item() == 4.0
+    message = r"to_q\.alpha is 0, which loaders read differently \(kohya's sd-scripts: alpha = rank; A1111, ComfyUI"
+    unet = build_tiny_pipeline().unet
+    before = lora_values(unet)
+    for action in (
+        lambda: read_lora_file(zero),
+        lambda: convert_lora_file(zero, tmp_path / "out.safetensors", "diffusers"),
+        lambda: load_pipeline_lora(zero, unet=unet),
+    ):
+        with pytest.raises(LoRAFileError, match=message):
+            action()
+    assert_unchanged(unet, before)
+    assert not (tmp_path / "out.safetensors").exists()
+    assert read_lora_file(ranked)[1].modules["unet.mid_block.attentions.0.to_q"].alpha == 4.0
 
 
 @pytest.mark.parametrize(

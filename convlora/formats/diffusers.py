@@ -95,7 +95,7 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
 
     def alpha_of(path: str, rank: int, group) -> float:
         if "alpha" in group:
-            return headers.tensor_alpha(group["alpha"], f"{path}.alpha", rank, source)
+            return headers.tensor_alpha(group["alpha"], f"{path}.alpha", source)
         component = next((c for c in COMPONENTS if path.startswith(c + ".")), "")
         name = path[len(component) + 1 :] if component else path
         if component.startswith("text_encoder"):
