@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from convlora.training.data import sample_generator
+from convlora.training.data import SampleKey, sample_generator
 
 __all__ = ["BucketBatchSampler", "bucket_resolutions", "check_bucket_args", "select_bucket"]
 
@@ -72,8 +72,9 @@ def select_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -
     return min(buckets, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Per-process batches of dataset indices, each from one bucket (see the module docstring).
+class BucketBatchSampler(Sampler[list[SampleKey]]):
+    """Per-process batches of :class:`~convlora.training.data.SampleKey` s (epoch, dataset index),
+    each from one bucket (see the module docstring).
 
     Args:
         target_sizes: each item's bucket, ``(width, height)``, indexed like the dataset.
@@ -113,10 +114,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         order = torch.randperm(len(batches), generator=sample_generator(self.seed, "bucket-order", self.epoch))
         return [batches[i] for i in order.tolist()]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         for batch in self.global_batches():
             for start in range(0, len(batch), self.batch_size):
-                yield batch[start : start + self.batch_size]
+                yield [SampleKey(self.epoch, i) for i in batch[start : start + self.batch_size]]
 
     def __len__(self) -> int:
         """Per-process batches of all processes together (a multiple of ``num_processes``)."""

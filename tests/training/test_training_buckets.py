@@ -72,7 +72,9 @@ def test_batches_come_from_one_bucket_and_cover_every_image_each_epoch():
     sampler = BucketBatchSampler(sizes, batch_size=2, num_processes=1, seed=0)
     for epoch in range(3):
         sampler.set_epoch(epoch)
-        batches = list(sampler)
+        keys = list(sampler)
+        assert {key.epoch for batch in keys for key in batch} == {epoch}  # each key brings its epoch
+        batches = [[key.index for key in batch] for batch in keys]
         assert len(batches) == len(sampler) == 3 + 2 + 2  # ceil(5/2) + ceil(3/2) + ceil(4/2)
         assert all(len({sizes[i] for i in batch}) == 1 and len(batch) == 2 for batch in batches)
         assert {i for batch in batches for i in batch} == set(range(12))
