@@ -83,6 +83,13 @@ from convlora.training.data import (  # noqa: E402
     sample_seed,
     write_toy_dataset,
 )
+from convlora.training.distributed import (  # noqa: E402
+    DistributedSetupError,
+    check_parallelism,
+    frozen_local_share,
+    full_tensors,
+    prepare_sharding,
+)
 from convlora.training.metadata import training_metadata  # noqa: E402
 from convlora.training.noise import PREDICTION_TYPES, diffusion_loss, draw_step_noise, training_target  # noqa: E402
 from convlora.training.precision import (  # noqa: E402
@@ -623,10 +630,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- 1. setup ------------------------------------------------------------------------------
     accelerator, resume_dir = setup(args)
+    parallel = check_parallelism(accelerator, validating=bool(args.validation_prompt))
+    logger.info(parallel.describe())
 
     # ---- 2. models -----------------------------------------------------------------------------
     models = load_models(args, accelerator)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    prepare_sharding(parallel, accelerator, [unet] + ([text_encoder] if args.train_text_encoder else []))
     params_unet = list(adapter_parameters(unet).values())
     params_te = list(adapter_parameters(text_encoder).values()) if args.train_text_encoder else []
 
@@ -646,7 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
-    if args.train_text_encoder:
+    if parallel.shard_here:  # the models are FSDP2-sharded already; DDP must not wrap them
+        optimizer, train_dataloader = accelerator.prepare(optimizer, train_dataloader)
+    elif args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader = accelerator.prepare(unet, text_encoder, optimizer, train_dataloader)
     else:
         unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
@@ -657,8 +669,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
     if resume_dir is not None:
-        progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                       optimizer, lr_scheduler)
+        with full_tensors(trained_models, optimizer, write_back=True):  # FSDP: load whole tensors, keep this shard
+            progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                           optimizer, lr_scheduler)
         accelerator.print(f"Resumed from {resume_dir} at step {progress['global_step']}")
     global_step = progress["global_step"]
     first_epoch = global_step // steps_per_epoch
@@ -757,15 +770,17 @@ def main(argv: list[str] | None = None) -> dict:
             progress_bar.set_postfix(step=global_step, loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             accelerator.log({"train_loss": step_loss if finite else float("nan"), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                path = save_checkpoint(
-                    args.output_dir, global_step,
-                    lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                                       optimizer, lr_scheduler, progress),
-                    total_limit=args.checkpoints_total_limit,
-                )
-                checkpoints.append(path)
-                logger.info(f"Saved checkpoint {path}")
+            if global_step % args.checkpointing_steps == 0:
+                with full_tensors(trained_models, optimizer):  # FSDP: every process gathers, the main one writes
+                    if accelerator.is_main_process:
+                        path = save_checkpoint(
+                            args.output_dir, global_step,
+                            lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                                               optimizer, lr_scheduler, progress),
+                            total_limit=args.checkpoints_total_limit,
+                        )
+                        checkpoints.append(path)
+                        logger.info(f"Saved checkpoint {path}")
             if (args.validation_prompt and accelerator.is_main_process and args.validation_steps
                     and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
                 base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
@@ -784,6 +799,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- 6. save -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     summary = {}
+    gathered = contextlib.ExitStack()
+    gathered.enter_context(full_tensors(trained_models))  # FSDP: every process gathers, the main one writes
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         final_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
@@ -831,6 +848,8 @@ def main(argv: list[str] | None = None) -> dict:
             "max_train_steps": args.max_train_steps,
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
+            "distributed": {"requested": parallel.requested, "running": parallel.running, "sharded": parallel.sharded,
+                            "frozen_local_share": frozen_local_share(trained_models)},
             "dtypes": {"unet": parameter_dtypes(final_unet), "vae": parameter_dtypes(vae),
                        "text_encoder": parameter_dtypes(accelerator.unwrap_model(text_encoder))},
             "concept_scores": scores,
@@ -842,6 +861,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
         print_outputs(args, outputs, summary_path, scores, summary["seconds"])
+    gathered.close()
     accelerator.end_training()
     return summary
 
@@ -868,6 +888,6 @@ class NonFiniteLossError(RuntimeError):
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, DataError, CheckpointError) as err:
+    except (NonFiniteLossError, DataError, CheckpointError, DistributedSetupError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
