@@ -4,7 +4,7 @@
 original names and adds ``lora_A`` / ``lora_B``. The adapted weight is ``W + s * ΔW`` with
 ``ΔW = B @ A`` (flattened; see :func:`convlora.state.delta_weight`) and ``s = alpha / r``.
 
-Shapes (DESIGN.md):
+Shapes (the README's LoRA math section):
     Linear ``W (out, in)``:              ``lora_A (r, in)``,             ``lora_B (out, r)``
     ConvNd ``W (C_out, C_in/g, *k)``:    ``lora_A (r, C_in/g, *k)``,     ``lora_B (C_out, r, *1s)``
     GPT-2 ``Conv1D`` ``W (in, out)``:    ``lora_A (r, in)``,             ``lora_B (out, r)``

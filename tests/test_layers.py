@@ -63,7 +63,7 @@ def test_conv_lora_shapes_and_exact_merge(dims, geometry):
     expected_base = base(x)
     layer = LORA_CONV[dims].from_module(base, r=3, alpha=5)
 
-    # Shapes per DESIGN.md: A (r, C_in/groups, *k), B (C_out, r, *1s).
+    # Shapes per the README's LoRA math: A (r, C_in/groups, *k), B (C_out, r, *1s).
     assert layer.lora_A.shape == (3, base.in_channels // base.groups, *base.kernel_size)
     assert layer.lora_B.shape == (base.out_channels, 3, *(1,) * dims)
     # Freshly injected (B = 0): bit-identical to the base.

@@ -592,7 +592,7 @@ def concept_scores(args, base_rows, lora_rows) -> dict[str, dict[str, float]]:
         return {}
     from convlora.diffusion.fashion import concept_score, load_classifier
 
-    classifier = load_classifier()
+    classifier = load_classifier(EMBEDDED_BASE / "classifier")
     scores = {}
     for prompt, cls, base, lora in zip(args.validation_prompt, args.validation_score_classes, base_rows, lora_rows):
         if cls != "-":

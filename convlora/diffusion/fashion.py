@@ -3,8 +3,9 @@ the 32x32 preprocessing, and a small CNN classifier that gives a "concept score"
 
 The concept score of a batch of generated images for a class is the share of them that the
 classifier recognises as that class. The classifier is trained on all 10 Fashion-MNIST classes
-by ``train_scripts/pretrain_tiny_base.py`` and shipped in
-``examples/tiny-sd-fashion/classifier/`` (``model.safetensors`` + ``config.json``).
+by ``train_scripts/pretrain_tiny_base.py`` and shipped beside the embedded base in the
+repository (``examples/tiny-sd-fashion/classifier/``: ``model.safetensors`` + ``config.json``);
+callers pass that folder to :func:`load_classifier`, since an installed package has no checkout.
 
 Nothing here needs the Debian ``dataset-fashion-mnist`` package at import time; only
 :func:`read_fashion_mnist` (used when pretraining) reads its files.
@@ -26,7 +27,6 @@ from torch import nn
 __all__ = [
     "FASHION_CLASSES",
     "FASHION_MNIST_DIR",
-    "DEFAULT_CLASSIFIER_DIR",
     "caption_for",
     "class_index",
     "read_fashion_mnist",
@@ -55,10 +55,6 @@ FASHION_CLASSES: tuple[str, ...] = (
 
 #: Where the Debian package ``dataset-fashion-mnist`` puts the IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-#: The classifier shipped beside the tiny base (a repository checkout, not package data).
-DEFAULT_CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "examples" / "tiny-sd-fashion" / "classifier"
-
 
 def caption_for(class_name: str) -> str:
     """``"a photo of a <class>"``, the caption format the tiny base was pretrained with."""
@@ -167,12 +163,11 @@ def save_classifier(model: FashionClassifier, path: str | Path, extra: dict[str,
     return out
 
 
-def load_classifier(path: str | Path | None = None) -> FashionClassifier:
-    """Load a saved classifier (default: the one shipped in ``examples/tiny-sd-fashion/classifier``),
-    in eval mode on the CPU."""
+def load_classifier(path: str | Path) -> FashionClassifier:
+    """Load a classifier saved by :func:`save_classifier` from folder ``path``, in eval mode on the CPU."""
     from safetensors.torch import load_file
 
-    folder = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
+    folder = Path(path)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(f"no classifier at {folder} (expected model.safetensors + config.json)")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

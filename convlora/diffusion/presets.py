@@ -144,7 +144,7 @@ def lora_parameter_count(module: nn.Module, rank: int) -> int:
     """Number of LoRA parameters (``lora_A`` + ``lora_B``) a rank-``rank`` update of ``module`` has.
 
     Linear ``(out, in)``: ``r * in + out * r``; ConvNd ``(C_out, C_in/g, *k)``:
-    ``r * C_in/g * prod(k) + C_out * r`` (the DESIGN.md shapes).
+    ``r * C_in/g * prod(k) + C_out * r`` (the shapes of the README's LoRA math section).
 
     Raises:
         TypeError: ``module`` is not a layer convlora can adapt.

@@ -1,7 +1,7 @@
 """The format-free view of a LoRA adapter that every importer produces and every exporter consumes.
 
 An adapter is a mapping ``path -> LoRAModule(lora_A, lora_B, alpha)`` with tensors in convlora's
-own layout (DESIGN.md): Linear ``A (r, in)``, ``B (out, r)``; ConvNd ``A (r, C_in/g, *k)``,
+own layout (the README's LoRA math section): Linear ``A (r, in)``, ``B (out, r)``; ConvNd ``A (r, C_in/g, *k)``,
 ``B (C_out, r, *1s)``. For a whole pipeline the paths start with the component name
 (``unet.``, ``text_encoder.``); for a single model they are the model's own module paths.
 

@@ -1,5 +1,5 @@
 """End-to-end: the real train_scripts/train_text_to_image_lora.py through `accelerate launch`, on the
-tiny pipeline, on the CPU. Each test names the behaviour of issue 4 it checks."""
+tiny pipeline, on the CPU. Each test names the behaviour of the script it checks."""
 
 from __future__ import annotations
 
