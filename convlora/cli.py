@@ -3,6 +3,7 @@
     convlora inspect PIPELINE_DIR [--preset full]     what each preset adapts, with parameter counts
     convlora inspect LORA_FILE                        format, training metadata, ranks / alphas
     convlora convert IN OUT --to diffusers|kohya|native|peft [--component unet]
+                     [--kohya-names ldm --base PIPELINE_DIR]
     convlora doctor LORA_FILE [--base PIPELINE_DIR]   which loaders accept the file, and why not
     convlora merge PIPELINE_DIR LORA_FILE OUT_DIR     a pipeline folder with the LoRA merged in
 """
@@ -53,10 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--component", choices=("unet", "text_encoder"),
         help="single-model input -> diffusers/kohya: which pipeline component it adapts; pipeline input -> peft: which component to keep",
     )  # fmt: skip
+    convert.add_argument(
+        "--kohya-names", choices=("diffusers", "ldm"), default="diffusers",
+        help="--to kohya: UNet modules by their diffusers paths (default; diffusers, A1111 on SD-1.x layouts, ComfyUI) "
+        "or by their LDM names in the --base pipeline's layout (A1111 and ComfyUI on any layout; not diffusers' "
+        "StableDiffusionPipeline)",
+    )  # fmt: skip
+    convert.add_argument("--base", help="--kohya-names ldm: the diffusers pipeline folder whose unet/config.json gives the layout")
 
     doctor = commands.add_parser(
         "doctor",
-        help="which loaders (diffusers, A1111/ComfyUI, PEFT) accept a LoRA file, and why not",
+        help="which loaders (diffusers, ComfyUI, A1111, PEFT) accept a LoRA file, and why not",
         description="Checks key styles, unknown suffixes, alpha handling and metadata against what each loader "
         "does; with --base, also that every module exists in that pipeline with fitting shapes. Exit status 1 "
         "when some loader would refuse the file or compute something else.",
@@ -202,9 +210,28 @@ def _inspect_lora(path: Path) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from convlora.formats import convert_lora_file
 
-    src_fmt, written = convert_lora_file(args.src, args.dst, args.to, component=args.component)
+    ldm_names = None
+    if args.kohya_names == "ldm":
+        if args.to != "kohya" or not args.base:
+            raise ValueError("--kohya-names ldm needs --to kohya and --base PIPELINE_DIR (the UNet layout the names number)")
+        ldm_names = _ldm_names_of(Path(args.base))
+    src_fmt, written = convert_lora_file(args.src, args.dst, args.to, component=args.component, ldm_names=ldm_names)
     print(f"{args.src} ({src_fmt}) -> {written} ({args.to})")
     return 0
+
+
+def _ldm_names_of(pipeline: Path):
+    import json
+
+    from convlora.formats.ldm_names import LDMNames
+
+    config = pipeline / "unet" / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: --base must be a diffusers pipeline folder")
+    try:
+        return LDMNames.from_config(json.loads(config.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -97,8 +97,9 @@ def test_doctor_healthy_file(adapted, pipeline_dir, capsys):
     assert main(["doctor", str(adapted[1]), "--base", str(pipeline_dir)]) == 0
     out = capsys.readouterr().out
     assert "[   ok] diffusers StableDiffusionPipeline.load_lora_weights" in out
-    # ComfyUI reads alpha only from .alpha tensors, never from lora_adapter_metadata
-    assert "[wrong] AUTOMATIC1111 / ComfyUI  (other format)" in out and "--to kohya" in out
+    # ComfyUI skips diffusers-spelled attention and reads alpha only from .alpha tensors; A1111 maps no dotted key
+    assert "[   no] ComfyUI (LoraLoader)  (other format)" in out
+    assert "[   no] AUTOMATIC1111 (extensions-builtin/Lora)  (other format)" in out and "--to kohya" in out
 
 
 def test_doctor_mixed_styles_and_unknown_suffixes(adapted, tmp_path, capsys):
@@ -165,7 +166,7 @@ def test_doctor_says_which_loaders_a_conv_geometry_rules_out(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "native.safetensors")]) == 0  # healthy for convlora itself
     out = capsys.readouterr().out
     why = "cannot be converted for it: it computes these conv LoRAs without their geometry: "
-    assert out.count(why + "0: groups=4; 1: dilation=(2, 2)") == 2  # diffusers, A1111/ComfyUI
+    assert out.count(why + "0: groups=4; 1: dilation=(2, 2)") == 3  # diffusers, ComfyUI, A1111
     assert out.count(why + "1: dilation=(2, 2)\n") == 1  # PEFT carries grouped convs
 
     grouped = torch.nn.Sequential(torch.nn.Conv2d(8, 12, 3, groups=4))

@@ -875,10 +875,22 @@ def vae_scale(vae: AutoencoderKL) -> int:
 
 
 def print_outputs(args, outputs: dict, summary_path: Path, scores: dict, seconds: float) -> None:
+    """The files written, each LoRA file with the loaders it is for.
+
+    ComfyUI and AUTOMATIC1111 load the kohya file fully; they drop modules of the diffusers file
+    (ComfyUI its attention projections, A1111 all of them), so each file is named with its loaders.
+    """
+    use = {
+        "LoRA (diffusers)": "diffusers: pipe.load_lora_weights(folder)",
+        "LoRA (kohya)": "AUTOMATIC1111, ComfyUI (models/Lora); diffusers too",
+        "LoRA (native)": "convlora.diffusion.load_pipeline_lora",
+    }
     print(f"\nDone in {seconds:.0f} s. Outputs in {args.output_dir}:")
     order = ["LoRA", "validation grid", "checkpoints", "tensorboard"]
     for name, path in sorted(outputs.items(), key=lambda kv: next(i for i, o in enumerate(order + [""]) if kv[0].startswith(o))):
-        print(f"  {name + ':':<20} {path}")
+        print(f"  {name + ':':<20} {path}" + (f"  <- for {use[name]}" if name in use else ""))
+    if "LoRA (diffusers)" in outputs and "LoRA (kohya)" not in outputs:
+        print("  for AUTOMATIC1111 / ComfyUI: convlora convert <diffusers file> <out>.safetensors --to kohya")
     print(f"  {'summary:':<20} {summary_path}")
     for cls, s in scores.items():
         print(f"  concept score {cls!r} ({s['prompt']!r}): base {s['base']:.2f} -> LoRA {s['lora']:.2f}")

@@ -18,6 +18,7 @@ from convlora.formats.detect import FORMATS, detect_format, lora_file_of
 from convlora.formats.diffusers import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from convlora.formats.diffusers import from_diffusers, to_diffusers
 from convlora.formats.kohya import from_kohya, to_kohya
+from convlora.formats.ldm_names import LDMNames
 from convlora.formats.native import from_native, to_native
 from convlora.formats.peft import (
     from_peft,
@@ -75,17 +76,23 @@ def read_lora_file(path: str | os.PathLike) -> tuple[str, LoRAWeights]:
     return fmt, _READERS[fmt](tensors, header, source=str(file))
 
 
-def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, base_model_version: str = "sd_v1") -> Path:
+def write_lora_file(
+    weights: LoRAWeights, path: str | os.PathLike, fmt: str, base_model_version: str = "sd_v1", ldm_names: LDMNames | None = None
+) -> Path:
     """Write neutral weights as ``fmt``; returns the file (or, for PEFT, folder) written.
 
     For ``"diffusers"`` a folder path (or one without a suffix) gets diffusers' file name
     ``pytorch_lora_weights.safetensors`` inside it; ``"peft"`` always writes a folder.
     ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one.
+    ``ldm_names`` (kohya only): name UNet modules by their LDM names in that layout (see
+    :func:`convlora.formats.kohya.to_kohya`).
 
     Raises:
         LoRAFormatError: modules recorded as convs those formats' loaders would compute differently
             (dilation, non-zero padding modes; groups except for PEFT), named; nothing is written.
     """
+    if ldm_names is not None and fmt != "kohya":
+        raise ValueError(f"LDM module names are a kohya spelling; {fmt} files name modules by their diffusers paths")
     path = Path(path)
     if fmt == "peft":
         if weights.components():
@@ -101,7 +108,7 @@ def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, bas
             path = path / DIFFUSERS_WEIGHT_NAME
         tensors, header = to_diffusers(weights)
     elif fmt == "kohya":
-        tensors, header = to_kohya(weights, base_model_version=base_model_version)
+        tensors, header = to_kohya(weights, base_model_version=base_model_version, ldm_names=ldm_names)
     elif fmt == "native":
         tensors, header = to_native(weights)
     else:
@@ -109,13 +116,16 @@ def write_lora_file(weights: LoRAWeights, path: str | os.PathLike, fmt: str, bas
     return write_safetensors(tensors, path, header)
 
 
-def convert_lora_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, component: str | None = None) -> tuple[str, Path]:
+def convert_lora_file(
+    src: str | os.PathLike, dst: str | os.PathLike, fmt: str, component: str | None = None, ldm_names: LDMNames | None = None
+) -> tuple[str, Path]:
     """Convert ``src`` (any format) to ``fmt`` at ``dst``.
 
     Args:
         component: for a single-model source (native ``save_lora`` / PEFT) going to diffusers or
             kohya, the pipeline component it adapts (``"unet"`` or ``"text_encoder"``); for a
             one-component pipeline file going to PEFT, ``None`` strips the prefix.
+        ldm_names: kohya only: UNet modules by their LDM names in this layout.
 
     Returns:
         ``(source format, written path)``.
@@ -134,4 +144,4 @@ def convert_lora_file(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, 
         if len(names) != 1 and component is None:
             raise LoRAFormatError(f"{src} has components {names}; choose one with --component")
         weights = LoRAWeights(weights.component(component or names[0]), weights.use_rslora, weights.metadata)
-    return src_fmt, write_lora_file(weights, dst, fmt)
+    return src_fmt, write_lora_file(weights, dst, fmt, ldm_names=ldm_names)

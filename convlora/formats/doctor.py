@@ -10,8 +10,12 @@ loader's format — the verdict says how to convert). The rules restate what the
   key still names the module — not for UNet attention projections nor text-encoder modules, which
   get the component's most common alpha. Alpha of PEFT-style keys comes from
   ``lora_adapter_metadata`` (``alpha = rank`` without it).
-- A1111 / ComfyUI: kohya names with ``.alpha`` tensors; ComfyUI also maps diffusers keys but reads
-  alpha only from ``.alpha`` tensors, never from ``lora_adapter_metadata``.
+- ComfyUI and AUTOMATIC1111: see :mod:`convlora.formats.ui_loaders` (which modules each maps by
+  name, and the scale it applies). ComfyUI skips diffusers-spelled attention projections and
+  uses scale 1 without ``.alpha`` tensors; A1111 maps no dotted key at all and renumbers
+  diffusers-spelled UNet names by SD-1.x's block layout, which ``--base`` checks.
+- Every loader: a NaN / inf tensor, or an alpha that is not a positive finite number, is a failure
+  (kohya's sd-scripts read alpha 0 as alpha = rank, A1111 and ComfyUI as a switched-off module).
 - PEFT ``PeftModel.from_pretrained``: a folder with ``adapter_config.json``; modules outside its
   ``target_modules`` are dropped; ``rank_pattern`` must give each module its tensor rank.
 """
@@ -19,22 +23,27 @@ loader's format — the verdict says how to convert). The rules restate what the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from convlora.formats import read_lora_file
 from convlora.formats.detect import detect_format, lora_file_of
 from convlora.formats.diffusers import METADATA_KEY
-from convlora.formats.kohya import KOHYA_PREFIXES
-from convlora.formats.peft import ADAPTER_CONFIG, rank_for
-from convlora.formats.weights import COMPONENTS, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
+from convlora.formats.kohya import KOHYA_PREFIXES, kohya_name, kohya_name_to_path, unet_layout_of
+from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
+from convlora.formats.peft import ADAPTER_CONFIG, KEY_PREFIX, rank_for
+from convlora.formats.ui_loaders import UNetNames, a1111_target, a1111_unet_name, a1111_view, comfyui_maps, comfyui_view
+from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
 from convlora.layers import LORA_CLASSES
 from convlora.io import read_safetensors
+from convlora.state import scaling_for
 
 # key style -> pattern of its keys
 _STYLES = {
@@ -99,9 +108,9 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
         _, weights = read_lora_file(path)
     except ValueError as err:
         weights = None
-        convlora_verdict = Verdict("convlora (load_pipeline_lora / convert)", "no", [str(err)])
+        convlora_verdict = Verdict(_LOADERS[0], "no", [str(err)])
     else:
-        convlora_verdict = Verdict("convlora (load_pipeline_lora / convert)", "ok")
+        convlora_verdict = Verdict(_LOADERS[0], "ok")
         summary += _describe(weights)
         if base is not None:
             convlora_verdict.reasons += _check_base(weights, base)
@@ -109,23 +118,29 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
                 convlora_verdict.status = "no"
     if len([s for s in styles if s != "unknown"]) > 1:
         summary.append("key styles: " + ", ".join(f"{s} x{n}" for s, n in styles.items()))
-    convlora_verdict.primary = True
+    unet_names = _unet_names(base, summary)
+    file = _FileKeys.of(tensors, header, weights)
     verdicts = [
         convlora_verdict,
         _diffusers_verdict(fmt, keys, header, styles, weights),
-        _a1111_verdict(fmt, keys, weights),
+        _comfyui_verdict(fmt, file, unet_names),
+        _a1111_verdict(fmt, file, unet_names),
         _peft_verdict(fmt, path if is_peft_folder else None, weights),
     ]
-    own = {"diffusers": (1,), "kohya": (1, 2), "peft": (3,), "native": ()}[fmt]
+    own = {"diffusers": (0, 1), "kohya": (0, 1, 2, 3), "peft": (0, 4), "native": (0,)}[fmt]
     for index in own:
         verdicts[index].primary = True
+    values = _value_problems(tensors, header, weights)
+    for v in verdicts if values else ():
+        v.status, v.reasons = "no", values + v.reasons
     return Diagnosis(Path(path), fmt, summary, verdicts)
 
 
 _LOADERS = (
     "convlora (load_pipeline_lora / convert)",
     "diffusers StableDiffusionPipeline.load_lora_weights",
-    "AUTOMATIC1111 / ComfyUI",
+    "ComfyUI (LoraLoader)",
+    "AUTOMATIC1111 (extensions-builtin/Lora)",
     "PEFT PeftModel.from_pretrained",
 )
 
@@ -159,6 +174,14 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
         if others:
             v.status = "no"
             v.reasons.append(f"not every key starts with lora_unet_/lora_te*_, so its kohya converter is not used: {', '.join(others[:5])}")
+        ldm = [k.split(".")[0] for k in keys if k.startswith("lora_unet_") and LDM_FLAT_NAME.match(k[len("lora_unet_") :])]
+        if ldm:
+            v.status = "no"
+            v.reasons.append(
+                f"{len(set(ldm))} UNet module(s) have LDM names ({ldm[0]}): StableDiffusionPipeline's kohya import "
+                "does not renumber them (only StableDiffusionXLPipeline's does) and load_lora_weights fails; "
+                "`convlora convert FILE OUT --to kohya` writes diffusers-spelled names"
+            )
         elif weights is not None:
             v.reasons += _kohya_alpha_losses(weights)
             if v.reasons and v.status == "ok":
@@ -224,29 +247,253 @@ def _metadata_problems(header, weights: LoRAWeights) -> list[str]:
     return problems[:12]
 
 
-def _a1111_verdict(fmt, keys, weights) -> Verdict:
-    v = Verdict("AUTOMATIC1111 / ComfyUI", "ok")
-    if fmt == "kohya":
-        others = [k for k in keys if not k.startswith(KOHYA_PREFIXES)]
-        if others:
-            v.status = "no"
-            v.reasons.append(f"keys they do not map: {', '.join(others[:5])}")
-        names = {k[: -len(".lora_down.weight")] for k in keys if k.endswith(".lora_down.weight")}
-        no_alpha = sorted(n for n in names if f"{n}.alpha" not in keys)
-        if no_alpha:  # not an error: every loader then uses alpha = rank, as convlora does
-            v.reasons.append(f"{len(no_alpha)} module(s) have no .alpha, so alpha = rank: {', '.join(no_alpha[:4])}")
-        return v
-    if fmt in ("native", "peft") or weights is None:
-        return Verdict(v.loader, "n/a", _unportable(weights) or ["not a kohya file: `convlora convert FILE OUT --to kohya`"])
-    off = [p for p, m in weights.modules.items() if m.alpha != m.r]
-    if off:
-        return Verdict(
-            v.loader, "wrong",
-            [f"ComfyUI maps diffusers keys but ignores {METADATA_KEY}: {len(off)} module(s) with alpha != rank get "
-             "scale 1; A1111 expects kohya names. `convlora convert FILE OUT --to kohya`"],
-        )  # fmt: skip
-    return Verdict(v.loader, "ok", ["ComfyUI maps diffusers keys; for A1111 prefer `convlora convert FILE OUT --to kohya`"])
+@dataclass
+class _FileKeys:
+    """A file's keys as the name-based loaders (ComfyUI, A1111) see them, tied to convlora's reading."""
 
+    shapes: dict[str, tuple[int, ...]]
+    alphas: dict[str, float]
+    """``<name>.alpha`` key -> its value (one-element tensors only)."""
+    weights: LoRAWeights | None
+    ldm_names: LDMNames | None
+    """The UNet layout a kohya file with LDM names records."""
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], header: dict[str, str], weights: LoRAWeights | None) -> _FileKeys:
+        alphas = {k: float(t.flatten()[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel() == 1}
+        try:
+            ldm_names = unet_layout_of(header)
+        except LoRAFormatError:
+            ldm_names = None  # convlora's own verdict names the bad header
+        return cls({k: tuple(t.shape) for k, t in tensors.items()}, alphas, weights, ldm_names)
+
+    def path_of(self, stem: str) -> str | None:
+        """The module path of convlora's reading that a loader's module name ``stem`` stands for."""
+        if self.weights is None:
+            return None
+        candidates = [stem, stem[len(KEY_PREFIX) :] if stem.startswith(KEY_PREFIX) else stem]
+        if stem.startswith(KOHYA_PREFIXES):
+            try:
+                candidates.append(kohya_name_to_path(stem, stem.startswith("lora_te2_"), self.ldm_names))
+            except LoRAFormatError:
+                pass  # an LDM name without a recorded layout: no module of convlora's reading
+        plain = re.sub(r"\.processor\.(to_q|to_k|to_v|to_out)$", lambda m: "." + m.group(1), stem)
+        candidates.append(plain + ".0" if plain.endswith(".to_out") and plain != stem else plain)
+        for candidate in candidates:
+            for spelled in (candidate, candidate.replace(".text_model.", ".", 1)):
+                if spelled in self.weights.modules:
+                    return spelled
+        return None
+
+    def intended_scale(self, stem: str) -> float | None:
+        path = self.path_of(stem)
+        if path is None:
+            return None
+        module = self.weights.modules[path]
+        return scaling_for(module.r, module.alpha, self.weights.use_rslora)
+
+    def kohya_stem(self, stem: str) -> str | None:
+        """The module's name in the file ``convlora convert ... --to kohya`` writes (``None``: no component)."""
+        path = self.path_of(stem)
+        component = next((c for c in COMPONENTS if path and path.startswith(c + ".")), None)
+        if component is None:
+            return None
+        return kohya_name(component, path[len(component) + 1 :], has_te2="text_encoder_2" in self.weights.components())
+
+    def kohya_stems_under(self, first: str) -> list[str | None]:
+        """The kohya names of the modules whose keys start with ``first + "."`` (A1111's whole-file misses)."""
+        if self.weights is None:
+            return [None]
+        return [self.kohya_stem(p) for p in self.weights.modules if p.startswith(first + ".")] or [None]
+
+    def misscaled(self, scales: dict[str, float]) -> list[str]:
+        """``"name (alpha/r -> applied)"`` for each module a loader scales otherwise than the file means."""
+        off = []
+        for stem, applied in scales.items():
+            meant = self.intended_scale(stem)
+            if meant is not None and not math.isclose(meant, applied, rel_tol=1e-6):
+                off.append(f"{stem} ({meant:g} -> {applied:g})")
+        return off
+
+
+def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> Verdict:
+    view = comfyui_view(file.shapes, file.alphas, unet_names)
+    v = Verdict(_LOADERS[2], "ok")
+    attention = [s for s in view.skipped if not s.startswith(KOHYA_PREFIXES) and _UNET_ATTENTION.search(s)]
+    other = [s for s in view.skipped if s not in attention]
+    if attention:
+        v.reasons.append(
+            f"skips {len(attention)} UNet attention module(s) ('lora key not loaded'): its diffusers key map "
+            f"knows them only as <block>.processor.to_q / to_k / to_v / to_out: {_short(attention)}"
+        )
+    if other:
+        v.reasons.append(f"skips {len(other)} module(s) it has no key for ('lora key not loaded'): {_short(other)}")
+    off = file.misscaled(view.scales)
+    if off:
+        v.reasons.append(
+            f"{len(off)} module(s) get another scale (it reads alpha only from .alpha tensors, scale 1 without; "
+            f"never from {METADATA_KEY}), alpha/r -> applied: {_short(off)}"
+        )
+    v.status = "no" if view.skipped else "wrong" if off else "ok"
+    renamed = [file.kohya_stem(s) for s in view.skipped + [o.split(" (")[0] for o in off]]
+    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: comfyui_maps(k, unet_names), unet_names)
+    v.reasons += _no_alpha_note(fmt, file)
+    return v
+
+
+def _a1111_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> Verdict:
+    view = a1111_view(file.shapes, file.alphas, unet_names)
+    v = Verdict(_LOADERS[3], "ok")
+    dotted = [s for s in view.skipped if not s.startswith("lora_")]
+    layout = [s for s in view.skipped if s.startswith("lora_unet_") and _renumbered(s, unet_names)]
+    other = [s for s in view.skipped if s not in dotted and s not in layout]
+    if dotted and not view.scales:
+        count = len(file.weights.modules) if file.weights is not None else len(view.skipped)
+        v.reasons.append(
+            f"matches 0 of {count} module(s): it takes a key up to its first '.' as the module name "
+            f"({', '.join(sorted({s.split('.')[0] for s in dotted})[:4])}), and no module has that name"
+        )
+    elif dotted:
+        v.reasons.append(f"skips {len(dotted)} module(s) whose names it cuts at the first '.': {_short(dotted)}")
+    if layout:
+        shown = [f"{s} -> {a1111_unet_name(s[len('lora_unet_'):])} (the module is {unet_names.ldm_of_flat(s[len('lora_unet_'):])})" for s in layout]
+        v.reasons.append(
+            f"skips {len(layout)} UNet module(s): it renumbers diffusers-spelled UNet names by SD-1.x's block "
+            f"layout, which this base does not have, and gets names of no module: {_short(shown, 4)}"
+        )
+    if view.misplaced:
+        shown = [f"{s} -> {target}" for s, target in view.misplaced.items()]
+        v.reasons.append(
+            f"applies {len(shown)} UNet module(s) to another module (SD-1.x's numbering on a base of another "
+            f"layout): {_short(shown, 4)}"
+        )
+    if other:
+        v.reasons.append(f"skips {len(other)} module(s) it has no rule for: {_short(other)}")
+    off = file.misscaled(view.scales)
+    if off:
+        v.reasons.append(f"{len(off)} module(s) get another scale (alpha only from .alpha tensors, else 1), alpha/r -> applied: {_short(off)}")
+    v.status = "no" if view.skipped or view.misplaced else "wrong" if off else "ok"
+    problems = [s for s in view.skipped if s not in dotted] + list(view.misplaced) + [o.split(" (")[0] for o in off]
+    renamed = [file.kohya_stem(s) for s in problems] + [k for s in dotted for k in file.kohya_stems_under(s)]
+    v.reasons += _kohya_fix(fmt, file, renamed, lambda k: a1111_target(k, unet_names) == "", unet_names)
+    if unet_names is None and any(s.startswith("lora_unet_") for s in view.scales):
+        v.reasons.append("UNet names are renumbered by SD-1.x's block layout, which A1111 assumes: `--base` checks the base has it")
+    v.reasons += _no_alpha_note(fmt, file)
+    return v
+
+
+def _renumbered(stem: str, unet_names: UNetNames | None) -> bool:
+    """A diffusers-spelled UNet name of a base module that A1111's SD-1.x numbering loses."""
+    flat = stem[len("lora_unet_") :]
+    return unet_names is not None and unet_names.ldm_of_flat(flat) is not None and a1111_unet_name(flat) is not None
+
+
+def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet_names: UNetNames | None) -> list[str]:
+    """The convert command that fixes a loader's problems, or why none does.
+
+    Args:
+        renamed: the kohya names of the modules with problems (``None`` where there is none).
+        loads: ``kohya module name -> bool``, whether the loader applies that name as meant.
+    """
+    if not renamed:
+        return []
+    unportable = _unportable(file.weights)
+    if unportable:
+        return unportable
+    if file.weights is not None and file.weights.unprefixed() and fmt != "kohya":
+        return ["a single model's file: `convlora convert FILE OUT --to kohya --component unet` (or text_encoder) names its modules for pipelines"]
+    unfixed = sorted({k or "(unnamed)" for k in renamed if k is None or not loads(k)})
+    if fmt != "kohya" and not unfixed:
+        return ["fix: `convlora convert FILE OUT --to kohya`"]
+    as_ldm = [_as_ldm(k, unet_names) for k in renamed]
+    if all(k is not None and loads(k) for k in as_ldm):
+        return [
+            "fix: `convlora convert FILE OUT --to kohya --kohya-names ldm --base PIPELINE_DIR` (LDM names, which "
+            "A1111 and ComfyUI apply on any layout; diffusers' StableDiffusionPipeline does not read them, so keep "
+            "a diffusers-spelled file for diffusers)"
+        ]
+    if fmt != "kohya" and len(unfixed) < len(set(renamed)):
+        return [f"`convlora convert FILE OUT --to kohya` fixes all but {len(unfixed)} of them: {_short(unfixed)}"]
+    return ["no `convlora convert` fixes this (its kohya file spells these modules the same way)"]
+
+
+def _as_ldm(kohya_stem: str | None, unet_names: UNetNames | None) -> str | None:
+    """A kohya UNet name as ``--kohya-names ldm`` writes it for the base (others unchanged)."""
+    if kohya_stem is None or not kohya_stem.startswith("lora_unet_") or unet_names is None:
+        return kohya_stem if kohya_stem is not None and not kohya_stem.startswith("lora_unet_") else None
+    flat = kohya_stem[len("lora_unet_") :]
+    if LDM_FLAT_NAME.match(flat):
+        return kohya_stem
+    ldm = unet_names.ldm_of_flat(flat)
+    return None if ldm is None else "lora_unet_" + ldm
+
+
+def _no_alpha_note(fmt: str, file: _FileKeys) -> list[str]:
+    if fmt != "kohya":
+        return []
+    names = {k[: -len(".lora_down.weight")] for k in file.shapes if k.endswith(".lora_down.weight")}
+    no_alpha = sorted(n for n in names if f"{n}.alpha" not in file.shapes)
+    if not no_alpha:  # not an error: every loader then uses alpha = rank, as convlora does
+        return []
+    return [f"{len(no_alpha)} module(s) have no .alpha, so alpha = rank: {', '.join(no_alpha[:4])}"]
+
+
+def _unet_names(base: dict[str, nn.Module] | None, summary: list[str]) -> UNetNames | None:
+    """The base UNet's diffusers and LDM module names (``None`` without one; a note if no LDM names)."""
+    unet = (base or {}).get("unet")
+    if unet is None or not hasattr(unet, "config"):
+        return None
+    try:
+        return UNetNames.of([n for n, _ in unet.named_modules()], unet.config)
+    except ValueError as err:
+        summary.append(f"base UNet: {err}; A1111's numbering is not checked")
+        return None
+
+
+def _value_problems(tensors: dict[str, torch.Tensor], header: dict[str, str], weights: LoRAWeights | None) -> list[str]:
+    """Values no loader computes anything useful from: non-finite tensors, non-positive or non-finite alphas."""
+    problems = []
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        problems.append(f"{len(bad)} tensor(s) hold NaN or inf, so every loader outputs NaN or inf: {_short(bad)}")
+    alphas = {k: float(t.flatten()[0]) for k, t in tensors.items() if k.endswith(".alpha") and t.numel() == 1}
+    if not alphas:  # alphas from a header: convlora's module table or lora_adapter_metadata
+        alphas = {p: m.alpha for p, m in weights.modules.items()} if weights is not None else _header_alphas(header)
+    odd = sorted(f"{k} = {a:g}" for k, a in alphas.items() if not (math.isfinite(a) and a > 0))
+    if odd:
+        problems.append(
+            f"{len(odd)} alpha(s) are not a positive finite number, which loaders read differently (kohya's "
+            "sd-scripts take 0 as alpha = rank; A1111, ComfyUI, diffusers and convlora scale by alpha / rank, so 0 "
+            f"switches a module off and a negative alpha inverts it): {_short(odd)}"
+        )
+    return problems
+
+
+def _header_alphas(header: dict[str, str]) -> dict[str, float]:
+    """The alphas a header gives when no reader could read the file (malformed parts are skipped)."""
+    alphas: dict[str, float] = {}
+    for key, field_of in (("convlora_modules", lambda e: e.get("alpha")), (METADATA_KEY, None)):
+        try:
+            table = json.loads(header.get(key) or "{}")
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(table, dict):
+            continue
+        for name, entry in table.items():
+            if field_of is not None and isinstance(entry, dict):
+                values = {name: field_of(entry)}
+            elif name.endswith("lora_alpha"):
+                values = {name: entry}
+            elif name.endswith("alpha_pattern") and isinstance(entry, dict):
+                values = {f"{name}[{k}]": a for k, a in entry.items()}
+            else:
+                continue
+            alphas.update({k: float(a) for k, a in values.items() if isinstance(a, (int, float))})
+    return alphas
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 def _peft_verdict(fmt, folder, weights) -> Verdict:
     loader = "PEFT PeftModel.from_pretrained"

@@ -8,6 +8,10 @@ SDXL's two text encoders) followed by the diffusers module path with every ``.``
 text encoders. String metadata: ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``,
 ``ss_network_args`` (``{"conv_dim", "conv_alpha"}``) and ``ss_base_model_version``.
 
+Optionally (``ldm_names``) UNet modules are named by their LDM / original-Stable-Diffusion names
+(``lora_unet_input_blocks_4_1_proj_in``, see :mod:`convlora.formats.ldm_names`), with the UNet
+layout recorded in the header (:data:`UNET_LAYOUT_KEY`) so they read back exactly.
+
 The names lose their dots. Loading into a model maps them back exactly by comparing with the
 model's module names (:func:`convlora.formats.weights.resolve_paths`); converting without a model
 restores them from the vocabulary of SD-1.x UNet and CLIP module names below.
@@ -21,11 +25,15 @@ from collections.abc import Mapping
 
 import torch
 
+from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
 
 #: Header keys that describe the tensors (rank, alpha, conv dims); written from the weights.
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+
+#: Header key of a file whose UNet names are LDM names: the UNet layout they were numbered for (JSON).
+UNET_LAYOUT_KEY = "convlora_unet_layout"
 
 #: Every key of a file that diffusers' ``load_lora_weights`` treats as kohya starts with one of these.
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -43,11 +51,19 @@ _SEGMENTS = {
 _MAX_SEGMENT_WORDS = max(s.count("_") + 1 for s in _SEGMENTS)
 
 
-def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_kohya(
+    weights: LoRAWeights, base_model_version: str = "sd_v1", ldm_names: LDMNames | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of a kohya LoRA file.
 
     rsLoRA scaling ``alpha / sqrt(r)`` has no kohya spelling; it is written as the equivalent
     ``alpha' = alpha * sqrt(r)`` (same outputs in every loader).
+
+    Args:
+        ldm_names: name UNet modules by their LDM names in this layout
+            (``lora_unet_output_blocks_2_2_conv``) instead of their diffusers paths, and record the
+            layout in the header (:data:`UNET_LAYOUT_KEY`). A1111 and ComfyUI apply such names on
+            any layout; diffusers' ``StableDiffusionPipeline`` does not read them.
 
     Raises:
         LoRAFormatError: a path without a ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` prefix,
@@ -60,15 +76,14 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
             f"these paths have none: {', '.join(stray[:6])}"
         )
     components = weights.components()
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-    if "text_encoder_2" in components:
-        prefixes["text_encoder"] = "lora_te1_"
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for component in components:
         for path, module in weights.component(component).items():
-            spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
-            name = prefixes[component] + spelled.replace(".", "_")
+            if component == "unet" and ldm_names is not None:
+                name = "lora_unet_" + ldm_names.to_ldm(path).replace(".", "_")
+            else:
+                name = kohya_name(component, path, has_te2="text_encoder_2" in components)
             if name in origin:
                 raise LoRAFormatError(f"{origin[name]} and {component}.{path} both become kohya name {name}")
             origin[name] = f"{component}.{path}"
@@ -83,10 +98,25 @@ def to_kohya(weights: LoRAWeights, base_model_version: str = "sd_v1") -> tuple[d
     header["ss_network_dim"] = str(rank)
     header["ss_network_alpha"] = _fmt(_kohya_alpha(alpha, rank, weights.use_rslora))
     header.pop("ss_network_args", None)
+    header.pop(UNET_LAYOUT_KEY, None)
+    if ldm_names is not None:
+        header[UNET_LAYOUT_KEY] = json.dumps(ldm_names.layout, sort_keys=True)
     if conv_rank is not None:
         conv_alpha = _kohya_alpha(conv_alpha, conv_rank, weights.use_rslora)
         header["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha)})
     return tensors, header
+
+
+def kohya_name(component: str, path: str, has_te2: bool = False) -> str:
+    """The kohya module name of ``component``'s module ``path``.
+
+    ``("unet", "down_blocks.0.resnets.0.conv1")`` -> ``lora_unet_down_blocks_0_resnets_0_conv1``;
+    text encoders use the nested CLIP spelling and, next to a second text encoder (SDXL),
+    ``lora_te1_`` / ``lora_te2_``.
+    """
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if has_te2 else "lora_te_", "text_encoder_2": "lora_te2_"}
+    spelled = nested_clip_path(path) if component.startswith("text_encoder") else path
+    return prefixes[component] + spelled.replace(".", "_")
 
 
 def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
@@ -94,7 +124,8 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
 
     A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). Keys that are
     not ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa,
-    LoKr, DoRA scales, ...) are named in an error.
+    LoKr, DoRA scales, ...) are named in an error. LDM-named UNet modules are read back with the
+    layout the header records (:data:`UNET_LAYOUT_KEY`); without it they are an error.
     """
     prefixed = {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)}
     groups, leftovers = split_lora_keys(
@@ -109,22 +140,53 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     renamed: dict[str, LoRAModule] = {}
     has_te2 = any(name.startswith("lora_te2_") for name in modules)
+    ldm_names = unet_layout_of(header, source)
     for name, module in modules.items():
-        path = kohya_name_to_path(name, has_te2)
+        path = kohya_name_to_path(name, has_te2, ldm_names, source)
         if path in renamed:
             raise LoRAFormatError(f"{source}: two kohya names restore to the same module path {path}")
         renamed[path] = module
     # The network keys describe the tensors and are rewritten from them by every writer.
-    metadata = {k: v for k, v in header.items() if k not in NETWORK_KEYS}
+    metadata = {k: v for k, v in header.items() if k not in (*NETWORK_KEYS, UNET_LAYOUT_KEY)}
     return LoRAWeights(renamed, use_rslora=False, metadata=metadata)
 
 
-def kohya_name_to_path(name: str, has_te2: bool = False) -> str:
+def unet_layout_of(header: Mapping[str, str], source: str = "file") -> LDMNames | None:
+    """The LDM names of the UNet layout a kohya header records (``None`` if it records none).
+
+    Raises:
+        LoRAFormatError: the recorded layout is not valid JSON or not a UNet layout.
+    """
+    raw = header.get(UNET_LAYOUT_KEY)
+    if raw is None:
+        return None
+    try:
+        return LDMNames.from_config(json.loads(raw))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise LoRAFormatError(f"{source}: {UNET_LAYOUT_KEY} is not a UNet layout ({err})") from None
+
+
+def kohya_name_to_path(name: str, has_te2: bool = False, ldm_names: LDMNames | None = None, source: str = "file") -> str:
     """``lora_unet_down_blocks_0_resnets_0_conv1`` -> ``unet.down_blocks.0.resnets.0.conv1``.
 
     Dots are restored from the SD-1.x UNet / CLIP vocabulary; when loading into a model the result
     is matched against the model's own names, so an unusual name still lands on the right module.
+    An LDM-named UNet module (``lora_unet_input_blocks_4_1_...``) is renumbered with ``ldm_names``.
+
+    Raises:
+        LoRAFormatError: an LDM name without ``ldm_names``, or one that layout does not have.
     """
+    flat_unet = name[len("lora_unet_") :] if name.startswith("lora_unet_") else None
+    if flat_unet is not None and LDM_FLAT_NAME.match(flat_unet):
+        if ldm_names is None:
+            raise LoRAFormatError(
+                f"{source}: {name} is an LDM (original Stable Diffusion) UNet name, and the file does not "
+                f"record the UNet layout ({UNET_LAYOUT_KEY}) that says which diffusers module it is"
+            )
+        try:
+            return "unet." + ldm_names.from_flat_ldm(flat_unet)
+        except ValueError as err:
+            raise LoRAFormatError(f"{source}: {err}") from None
     for prefix, component in (
         ("lora_unet_", "unet"),
         ("lora_te1_", "text_encoder"),
@@ -132,11 +194,12 @@ def kohya_name_to_path(name: str, has_te2: bool = False) -> str:
         ("lora_te_", "text_encoder"),
     ):
         if name.startswith(prefix):
-            return f"{component}.{_restore_dots(name[len(prefix):])}"
+            return f"{component}.{restore_dots(name[len(prefix):])}"
     raise LoRAFormatError(f"{name} does not start with one of {KOHYA_PREFIXES}")
 
 
-def _restore_dots(flat: str) -> str:
+def restore_dots(flat: str) -> str:
+    """``down_blocks_0_resnets_0_conv1`` -> ``down_blocks.0.resnets.0.conv1`` (SD-1.x UNet / CLIP vocabulary)."""
     words = flat.split("_")
     segments, i = [], 0
     while i < len(words):
