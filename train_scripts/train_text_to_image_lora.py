@@ -22,7 +22,7 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
 * Checkpoints are written to a temporary folder and renamed when complete, rotated by step number,
   and hold no pickles; a resume path that does not exist is an error.
 * The distributed type that runs is logged, and a config asking for one the run does not get
-  (FSDP on one process, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which accelerate
+  (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which accelerate
   runs as plain DDP, is sharded by ``convlora.training.distributed`` with torch's ``fully_shard``.
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.

@@ -117,7 +117,7 @@ def check_parallelism(accelerator, validating: bool = False, env: Mapping[str, s
     if requested == "FSDP2":
         raise DistributedSetupError(
             f"the accelerate config asks for FSDP but accelerate set up {running} with {n} process(es); "
-            "FSDP needs at least 2 processes (num_processes) on GPUs, or CPU processes (use_cpu: true)"
+            "FSDP needs GPU processes, or at least 2 CPU processes (use_cpu: true, num_processes)"
         )
     return Parallelism(requested, running, n)
 
