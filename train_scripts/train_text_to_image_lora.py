@@ -20,10 +20,13 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
   ``(seed, epoch, dataset index)``: N processes give the same weights as one process with an
   N-times larger batch, and a resumed run equals a straight one (weights, optimizer, LR, losses).
 * Checkpoints are written to a temporary folder and renamed when complete, rotated by step number,
-  and hold no pickles; a resume path that does not exist is an error.
+  and hold no pickles; a resume path that does not exist, a checkpoint missing a file, or one made
+  with other LoRA settings is an error.
+* Arguments, the output folder and the resolution are checked before any work; a failure the
+  script can name prints one line (``error: ...``) and exits with 1 (2 for an argument).
 * The distributed type that runs is logged, and a config asking for one the run does not get
-  (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which accelerate
-  runs as plain DDP, is sharded by ``convlora.training.distributed`` with torch's ``fully_shard``.
+  (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which
+  accelerate runs as plain DDP, is sharded by ``convlora.training.distributed`` with ``fully_shard``.
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
@@ -41,6 +44,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,27 +72,29 @@ from convlora import adapter_parameters, disable_lora, inject_lora, load_lora, m
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
 from convlora.training.checkpoints import (  # noqa: E402
     CheckpointError,
+    check_adapter_unchanged,
+    check_settings,
     list_checkpoints,
     read_state,
+    remove_interrupted_saves,
     resolve_resume_checkpoint,
     save_checkpoint,
     write_json,
     write_state,
 )
 from convlora.training.data import (  # noqa: E402
-    DataError,
     EpochShuffleSampler,
     TextImageDataset,
     cache_latents,
     clip_tokenize,
     collate,
+    epoch_loader,
     load_hf_source,
     read_image_folder,
     sample_seed,
     write_toy_dataset,
 )
 from convlora.training.distributed import (  # noqa: E402
-    DistributedSetupError,
     check_parallelism,
     frozen_local_share,
     full_tensors,
@@ -102,6 +109,7 @@ from convlora.training.precision import (  # noqa: E402
     parameter_dtypes,
     weight_dtype_for,
 )
+from convlora.training.preflight import check_output_dir, check_resolution  # noqa: E402
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -143,12 +151,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument error is one line (``--help`` shows the usage), not the usage of 60 options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def default(name: str) -> str:
         own, embedded = MODE_DEFAULTS[name]
         return f"(default: {own}; {embedded} for the embedded no-argument run)"
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a text-to-image LoRA (attention + conv) with accelerate. No arguments: the embedded demo.",
         formatter_class=HelpFormatter,
     )
@@ -271,10 +286,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.validation_score_classes = list(EMBEDDED_SCORE_CLASSES)
     if args.validation_score_classes is not None and len(args.validation_score_classes) != len(args.validation_prompt or []):
         p.error("--validation_score_classes needs one class (or '-') per --validation_prompt")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "resolution", "rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    problem = argument_problem(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+#: What each numeric argument must be, checked before any work (an argument left at None is not
+#: checked; NaN and infinity fail every rule).
+ARGUMENT_RULES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
+    ">= 1": (lambda v: v >= 1, (
+        "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "resolution", "rank", "conv_rank",
+        "max_train_steps", "num_train_epochs", "checkpoints_total_limit", "max_train_samples", "lr_num_cycles",
+        "max_consecutive_nonfinite_steps", "validation_steps", "validation_epochs", "num_validation_images",
+        "validation_inference_steps")),
+    ">= 0": (lambda v: 0 <= v < math.inf, (
+        "lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm", "adam_weight_decay",
+        "validation_guidance_scale")),
+    "> 0": (lambda v: 0 < v < math.inf, (
+        "learning_rate", "text_encoder_lr", "lora_alpha", "conv_alpha", "snr_gamma", "adam_epsilon", "lr_power")),
+    "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout", "adam_beta1", "adam_beta2")),
+    "in [0, 1]": (lambda v: 0 <= v <= 1, ("caption_dropout",)),
+}
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """The first argument that breaks its rule (:data:`ARGUMENT_RULES`), or a LoRA setting the presets
+    refuse, as a message naming the flag; None when all are valid."""
+    for rule, (holds, names) in ARGUMENT_RULES.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not holds(value):
+                return f"--{name} must be {rule}, got {value}"
+    try:
+        unet_lora_config(args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
+                         conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
+    except ValueError as err:
+        return f"--unet_preset {args.unet_preset}: {err}"
+    return None
+
+
+def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that shape the adapter, defaults resolved (an omitted --lora_alpha is --rank): what a
+    checkpoint records and a run resuming it must repeat, so the file header and its modules agree."""
+    config = unet_lora_config(args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
+                              conv_alpha=args.conv_alpha)
+    rank, alpha = config.rank_and_alpha("linear", is_spatial_conv=False)
+    settings = {"--unet_preset": args.unet_preset, "--rank": rank, "--lora_alpha": alpha,
+                "--train_text_encoder": bool(args.train_text_encoder)}
+    if args.unet_preset == "full":
+        settings["--conv_rank"], settings["--conv_alpha"] = config.rank_and_alpha("conv", is_spatial_conv=True)
+    if args.train_text_encoder:
+        settings["--text_encoder_preset"] = args.text_encoder_preset
+    return settings
 
 
 @dataclass
@@ -295,6 +359,7 @@ class Models:
 
 def setup(args: argparse.Namespace) -> tuple[Accelerator, Path | None]:
     """Accelerator, logging, embedded-default assets, the checkpoint to resume from, and the seed."""
+    check_output_dir(args.output_dir)  # in every process, before any of them waits for another
     logging_dir = Path(args.output_dir, args.logging_dir)
     # `accelerate launch --multi_gpu --num_processes N` on a machine without a GPU starts N processes
     # that would each train alone unless told to meet on the CPU (gloo): tell them.
@@ -322,27 +387,46 @@ def setup(args: argparse.Namespace) -> tuple[Accelerator, Path | None]:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        for path in remove_interrupted_saves(args.output_dir):  # no save is running yet
+            logger.info(f"removed {path.name}, left by an interrupted save")
     if args.embedded:
         with accelerator.main_process_first():
             prepare_embedded_default(args, accelerator.is_main_process)
+    check_resolution_fits(args)
 
     # Resolve the checkpoint now: a missing path must fail before minutes of model loading.
     resume_dir = None
     if args.resume_from_checkpoint:
-        resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, required=CHECKPOINT_FILES)
         if resume_dir is None:
             accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet, starting from step 0")
         else:
-            saved_seed = read_state(resume_dir, "progress")["seed"]
-            if args.seed is not None and args.seed != saved_seed:
-                raise CheckpointError(f"{resume_dir} was trained with --seed {saved_seed}, not {args.seed}")
-            args.seed = saved_seed
+            check_resume_fits(args, resume_dir)
     if args.seed is None:  # every process must use the same seed: draw it once, broadcast it
         drawn = [random.SystemRandom().randrange(2**31)]
         broadcast_object_list(drawn, from_process=0)
         args.seed = int(drawn[0])
     return accelerator, resume_dir
+
+
+def check_resolution_fits(args: argparse.Namespace) -> None:
+    """Refuse a --resolution the VAE and UNet cannot divide (read from their configs; no weights loaded)."""
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    vae_config = AutoencoderKL.load_config(path, subfolder="vae", **common)
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **common)
+    check_resolution(args.resolution, vae_config, unet_config)
+
+
+def check_resume_fits(args: argparse.Namespace, resume_dir: Path) -> None:
+    """A resumed run repeats the checkpoint's adapter settings and seed (taken from it when omitted),
+    and does not stop before the checkpoint's step."""
+    check_settings(resume_dir, adapter_settings(args))
+    progress = read_state(resume_dir, "progress")
+    if args.seed is not None and args.seed != progress["seed"]:
+        raise CheckpointError(f"{resume_dir} was trained with --seed {progress['seed']}, not {args.seed}")
+    args.seed = progress["seed"]
+    if args.max_train_steps is not None and progress["global_step"] > args.max_train_steps:
+        raise CheckpointError(f"{resume_dir} is at step {progress['global_step']}, past --max_train_steps {args.max_train_steps}")
 
 
 def prepare_embedded_default(args: argparse.Namespace, is_main: bool) -> None:
@@ -489,6 +573,11 @@ def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: 
     return optimizer_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+#: The files of a checkpoint that :func:`load_training_state` reads (besides the optional text-encoder
+#: LoRA and grad-scaler state); a resume checks they are all there before loading anything.
+CHECKPOINT_FILES = ("unet_lora.safetensors", "optimizer.json", "lr_scheduler.json", "progress.json")
+
+
 def save_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler, progress: dict) -> None:
     """Everything a resumed run needs, without pickles: LoRA weights (convlora files), optimizer and
     scheduler state (safetensors + JSON), progress (step, epoch, losses, seed)."""
@@ -504,13 +593,15 @@ def save_training_state(folder: Path, accelerator, unet, text_encoder, optimizer
 
 def load_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler) -> dict:
     """Inverse of :func:`save_training_state`; returns the progress dict."""
-    load_lora(accelerator.unwrap_model(unet), folder / "unet_lora.safetensors")
     te_file = folder / "text_encoder_lora.safetensors"
     if (text_encoder is not None) != te_file.is_file():
         raise CheckpointError(f"{folder}: the text encoder was {'' if te_file.is_file() else 'not '}trained in that run; "
                               f"pass {'' if te_file.is_file() else 'no '}--train_text_encoder")
-    if text_encoder is not None:
-        load_lora(accelerator.unwrap_model(text_encoder), te_file)
+    lora_files = [(unet, folder / "unet_lora.safetensors")] + ([(text_encoder, te_file)] if text_encoder is not None else [])
+    for model, lora_file in lora_files:
+        check_adapter_unchanged(accelerator.unwrap_model(model), lora_file)
+    for model, lora_file in lora_files:
+        load_lora(accelerator.unwrap_model(model), lora_file)
     optimizer.load_state_dict(read_state(folder, "optimizer"))
     lr_scheduler.load_state_dict(read_state(folder, "lr_scheduler"))
     if accelerator.scaler is not None and (folder / "grad_scaler.json").is_file():
@@ -702,10 +793,8 @@ def main(argv: list[str] | None = None) -> dict:
     for epoch in range(first_epoch, args.num_train_epochs):
         for model in trained_models:
             model.train()
-        loader, skipped_batches = train_dataloader, 0
-        if epoch == first_epoch and batches_to_skip:
-            loader, skipped_batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip), batches_to_skip
-        loader.set_epoch(epoch)  # the shuffle order and every per-sample draw depend on it
+        skipped_batches = batches_to_skip if epoch == first_epoch else 0
+        loader = epoch_loader(train_dataloader, epoch, skipped_batches)  # the shuffle order and every per-sample draw
         for batch_in_epoch, batch in enumerate(loader, start=skipped_batches):
             # The global RNG only drives LoRA dropout; seeding it per batch keeps resume exact.
             torch.manual_seed(sample_seed(args.seed, "batch", epoch, batch_in_epoch, accelerator.process_index))
@@ -780,7 +869,7 @@ def main(argv: list[str] | None = None) -> dict:
                             args.output_dir, global_step,
                             lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
                                                                optimizer, lr_scheduler, progress),
-                            total_limit=args.checkpoints_total_limit,
+                            total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)},
                         )
                         checkpoints.append(path)
                         logger.info(f"Saved checkpoint {path}")
@@ -900,9 +989,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many steps in a row."""
 
 
-if __name__ == "__main__":
+def command_line(argv: list[str] | None = None) -> int:
+    """Run :func:`main`; a failure it names (bad data, checkpoint or argument, an unwritable or full
+    disk, a diverged loss) prints one line, no traceback, and gives exit code 1."""
     try:
-        main()
-    except (NonFiniteLossError, DataError, CheckpointError, DistributedSetupError) as err:
+        main(argv)
+    # DataError, CheckpointError, LoRAFileError, DistributedSetupError are ValueErrors; safetensors reports a full disk as a SafetensorError
+    except (NonFiniteLossError, ValueError, OSError, SafetensorError) as err:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line first
+            bar.close()
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(command_line())

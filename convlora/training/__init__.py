@@ -7,4 +7,5 @@ The scripts in ``train_scripts/`` write the training loop out; what they import 
 * :mod:`convlora.training.checkpoints`  atomic, rotated, pickle-free checkpoints and resume resolution
 * :mod:`convlora.training.precision`    frozen weights in half precision, LoRA in float32
 * :mod:`convlora.training.metadata`     what a trained LoRA file records about its training
+* :mod:`convlora.training.preflight`    checks before any work: output folder writable, resolution fits the models
 """

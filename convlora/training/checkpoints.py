@@ -19,12 +19,14 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,7 +37,7 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint to resume from is missing or incomplete."""
+    """A checkpoint cannot be resumed from (missing, incomplete, made with other settings) or written."""
 
 
 # ---- finding checkpoints ------------------------------------------------------------------------
@@ -85,19 +87,21 @@ def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     )
 
 
-def resolve_resume_checkpoint(value: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder ``--resume_from_checkpoint value`` means.
+def resolve_resume_checkpoint(value: str, output_dir: str | Path, required: Sequence[str] = ()) -> Path | None:
+    """The checkpoint folder ``--resume_from_checkpoint value`` means, checked for every file.
 
     Args:
         value: ``"latest"`` (the highest-step complete checkpoint in ``output_dir``), or a path to a
             checkpoint folder, or a bare ``checkpoint-<n>`` name looked up in ``output_dir``.
+        required: files the caller needs in it (besides those its ``checkpoint.json`` lists).
 
     Returns:
         The folder, or None when ``value`` is ``"latest"`` and there is no complete checkpoint yet
         (a first run of a command that is simply re-run after interruptions).
 
     Raises:
-        CheckpointError: an explicit path that does not exist or is not a complete checkpoint.
+        CheckpointError: an explicit path that does not exist or is not a complete checkpoint, or
+            a checkpoint with a file missing (named).
     """
     if value == "latest":
         partial = incomplete_checkpoints(output_dir)
@@ -108,6 +112,8 @@ def resolve_resume_checkpoint(value: str, output_dir: str | Path) -> Path | None
                 stacklevel=2,
             )
         found = list_checkpoints(output_dir)
+        if found:
+            check_files(found[-1][1], required)
         return found[-1][1] if found else None
     path = Path(value)
     if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
@@ -120,12 +126,80 @@ def resolve_resume_checkpoint(value: str, output_dir: str | Path) -> Path | None
         )
     if not is_complete(path):
         raise CheckpointError(f"--resume_from_checkpoint {value!r}: {path} is incomplete (no {MARKER}); it was not finished")
+    check_files(path, required)
     return path
 
 
+def check_files(path: str | Path, required: Sequence[str] = ()) -> None:
+    """Raise unless every file ``checkpoint.json`` lists, and every ``required`` one, is in ``path``.
+
+    Raises:
+        CheckpointError: naming the missing files (a checkpoint someone pruned by hand).
+    """
+    listed = read_marker(path).get("files")
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        raise CheckpointError(f"{Path(path) / MARKER} has no list of files; it was not written by this tool")
+    missing = [name for name in dict.fromkeys([*listed, *required]) if not (Path(path) / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}; resume from another checkpoint")
+
+
 def read_marker(path: str | Path) -> dict[str, Any]:
-    """The contents of a checkpoint's ``checkpoint.json``."""
-    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    """The contents of a checkpoint's ``checkpoint.json``.
+
+    Raises:
+        CheckpointError: it is missing or is not a JSON object.
+    """
+    marker = _read_json(Path(path) / MARKER)
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{Path(path) / MARKER} is not a JSON object")
+    return marker
+
+
+def check_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
+    """Raise unless the checkpoint was made with these ``settings`` (recorded by :func:`save_checkpoint`).
+
+    Args:
+        settings: flag name -> value, e.g. ``{"--lora_alpha": 4.0}``; a checkpoint that recorded no
+            settings (an older one) passes.
+
+    Raises:
+        CheckpointError: naming each differing setting with both values.
+    """
+    recorded = read_marker(path).get("settings")
+    if recorded is None:
+        return
+    differ = [f"{name} {recorded.get(name)!r} (checkpoint) vs {value!r} (this run)"
+              for name, value in settings.items() if recorded.get(name) != value]
+    if differ:
+        raise CheckpointError(f"{path} was made with other settings: {'; '.join(differ)}. Resume with the "
+                              "checkpoint's values, or start a new run in another --output_dir")
+
+
+def check_adapter_unchanged(model: torch.nn.Module, lora_file: str | Path) -> None:
+    """Raise unless the LoRA file's modules have the ranks and alphas of ``model``'s injected ones.
+
+    ``load_lora`` takes each module's alpha from the file; resuming a checkpoint made with other
+    LoRA settings would silently give modules that the run's own settings (and headers) misdescribe.
+
+    Raises:
+        CheckpointError: naming the first differing modules with both values.
+    """
+    _, header = read_safetensors(lora_file)
+    try:
+        table = json.loads(header["convlora_modules"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{lora_file} has no readable convlora module table") from None
+    layers = lora_layers(model)
+    differ = [
+        f"{path}: rank {entry.get('r')}, alpha {entry.get('alpha')} in the checkpoint; rank {layers[path].r}, "
+        f"alpha {layers[path].lora_alpha} in this run"
+        for path, entry in table.items()
+        if path in layers and (entry.get("r"), entry.get("alpha")) != (layers[path].r, layers[path].lora_alpha)
+    ]
+    if differ:
+        raise CheckpointError(f"{lora_file} was made with other LoRA settings ({len(differ)} modules differ, e.g. "
+                              f"{differ[0]}); resume with the checkpoint's --rank / --lora_alpha / --conv_rank / --conv_alpha")
 
 
 # ---- saving and rotating ------------------------------------------------------------------------
@@ -146,17 +220,24 @@ def save_checkpoint(
         write: fills the (temporary) folder it is given with the checkpoint's files.
         total_limit: keep at most this many complete checkpoints (oldest by step number deleted,
             only after the new one is complete); None keeps all.
-        info: JSON-serialisable extras for ``checkpoint.json``.
+        info: JSON-serialisable extras for ``checkpoint.json`` (``"settings"``: see :func:`check_settings`).
 
     Returns:
         The final checkpoint folder.
+
+    Raises:
+        CheckpointError: the folder cannot be written (full disk, read-only); nothing of the new
+            checkpoint is left behind and the earlier ones are untouched.
     """
     if total_limit is not None and total_limit < 1:
         raise ValueError(f"checkpoints_total_limit must be >= 1, got {total_limit}")
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}.tmp-", dir=root))
+    except OSError as err:
+        raise _write_error(final, err) from err
     try:
         write(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -173,12 +254,20 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if total_limit is not None:
         rotate_checkpoints(root, total_limit)
     return final
+
+
+def _write_error(final: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot write {final.name} in {final.parent}: {getattr(err, 'strerror', None) or err}; "
+                           "the earlier checkpoints are untouched")
 
 
 def rotate_checkpoints(output_dir: str | Path, total_limit: int) -> list[Path]:
@@ -197,6 +286,35 @@ def rotate_checkpoints(output_dir: str | Path, total_limit: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+#: Names of what an interrupted save leaves: a checkpoint's temporary folder (``.checkpoint-<n>.tmp-*``,
+#: or ``.old-*`` while one is swapped), and the temporary file of an atomic write (``.<name>.<8 chars>.tmp``,
+#: made by :func:`write_json` and :func:`convlora.io.write_safetensors` next to the file they write).
+INTERRUPTED_SAVE_RE = re.compile(rf"^(\.{CHECKPOINT_PREFIX}\d+\.(tmp|old)-[A-Za-z0-9_]+|\..+\.[A-Za-z0-9_]{{8}}\.tmp)$")
+
+
+def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Delete what killed saves left in ``output_dir`` (see :data:`INTERRUPTED_SAVE_RE`).
+
+    Call it when no save can be running in ``output_dir`` (at the start of a run). Complete
+    checkpoints, and ``checkpoint-<n>`` folders without a marker, are left alone.
+
+    Returns:
+        The deleted paths.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        if INTERRUPTED_SAVE_RE.match(child.name):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
 
 
 def _tmp_step(path: Path) -> int | None:
@@ -267,12 +385,35 @@ def write_state(folder: str | Path, name: str, state: Any) -> None:
 
 
 def read_state(folder: str | Path, name: str) -> Any:
-    """Inverse of :func:`write_state` (tensors come back on the CPU)."""
+    """Inverse of :func:`write_state` (tensors come back on the CPU).
+
+    Raises:
+        CheckpointError: ``<name>.json`` is missing or not JSON, or a tensor it refers to is not in
+            ``<name>.safetensors`` (missing or unreadable file).
+    """
     folder = Path(folder)
-    structure = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    structure = _read_json(folder / f"{name}.json")
     tensor_file = folder / f"{name}.safetensors"
-    tensors = read_safetensors(tensor_file)[0] if tensor_file.is_file() else {}
-    return _decode(structure, tensors)
+    tensors = {}
+    if tensor_file.is_file():
+        try:
+            tensors = read_safetensors(tensor_file)[0]
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+    try:
+        return _decode(structure, tensors)
+    except KeyError as err:
+        raise CheckpointError(f"{folder / f'{name}.json'} refers to tensor {err.args[0]!r}, which "
+                              f"{tensor_file.name} {'lacks' if tensor_file.is_file() else 'would hold, but it is missing'}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON: {err}") from None
 
 
 _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"

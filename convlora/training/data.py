@@ -13,6 +13,12 @@ is drawn from a generator seeded by ``(seed, epoch, dataset index)`` (:func:`sam
 sample is the same whatever batch, process or resumed run it lands in. That is what makes a
 resumed run and a multi-process run equal to a straight single-process one.
 
+The epoch travels with the index: :class:`EpochShuffleSampler` hands out :class:`SampleKey`
+``(epoch, index)`` pairs, and the dataset draws from the key's epoch, never from state a loader
+has to remember to update. (accelerate 1.15's ``DataLoaderShard.set_epoch`` does not reach the
+dataset of a loader made by ``skip_first_batches`` or sharded over processes, so a dataset-held
+epoch went stale there.) :func:`epoch_loader` sets the epoch on every sampler under a loader.
+
 Shapes:
     ``pixel_values``  (3, resolution, resolution) float32 in [-1, 1]
     ``input_ids``     (tokenizer.model_max_length,) int64
@@ -22,13 +28,14 @@ Shapes:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -152,7 +159,7 @@ def read_image_folder(
     else:
         for path in images:
             caption_file = next((path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext).is_file()), None)
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file is not None else ""
+            caption = read_text(caption_file, "caption file").strip() if caption_file is not None else ""
             if not caption:
                 why = "empty caption file" if caption_file is not None else f"no metadata.jsonl and no {'/'.join(CAPTION_EXTENSIONS)} file"
                 bad.append(f"{path.relative_to(root)} ({why})")
@@ -181,7 +188,7 @@ def _shown(path: Path, root: Path) -> str:
 def _read_metadata(path: Path, caption_column: str) -> list[tuple[int, dict]]:
     rows: list[tuple[int, dict]] = []
     if path.suffix == ".jsonl":
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_no, line in enumerate(read_text(path, "metadata file").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -192,18 +199,36 @@ def _read_metadata(path: Path, caption_column: str) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}:{line_no} is not a JSON object")
             rows.append((line_no, row))
     else:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = [(line_no, row) for line_no, row in enumerate(csv.DictReader(fh), start=2)]
+        text = io.StringIO(read_text(path, "metadata file"), newline="")
+        rows = [(line_no, row) for line_no, row in enumerate(csv.DictReader(text), start=2)]
     for line_no, row in rows:
         missing = [k for k in ("file_name", caption_column) if k not in row]
         if missing:
             raise DataError(
                 f"{path}:{line_no} has no {' / '.join(repr(m) for m in missing)} "
-                f"(keys: {sorted(row)}); set --caption_column to the caption key"
+                f"(keys: {sorted(row, key=str)}); set --caption_column to the caption key"
             )
+        name = row["file_name"]
+        if not isinstance(name, str) or not name.strip() or Path(name).is_absolute():
+            raise DataError(f"{path}:{line_no}: file_name must be a non-empty path relative to the folder, got {name!r}")
     if not rows:
         raise DataError(f"{path} lists no images")
     return rows
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``.
+
+    Raises:
+        DataError: the file is not valid UTF-8 (the byte offset is named) or cannot be read.
+    """
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not valid UTF-8 (byte {err.start}: {err.object[err.start:err.start + 4]!r}); "
+                        "save it as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from None
 
 
 def _as_captions(value: Any) -> tuple[str, ...]:
@@ -307,8 +332,6 @@ def load_rgb(image: Any, name: str = "image") -> Image.Image:
                 opened.load()
                 image = opened.copy()
         elif isinstance(image, dict) and ("bytes" in image or "path" in image):  # undecoded datasets Image
-            import io
-
             image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
             image.load()
         if not isinstance(image, Image.Image):
@@ -400,12 +423,13 @@ class TextImageDataset(Dataset):
         return len(self.source)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose random choices ``__getitem__`` makes (accelerate calls this)."""
+        """Choose the epoch of a plain integer index ``dataset[i]`` (a :class:`SampleKey` brings its own)."""
         self.epoch = int(epoch)
 
-    def choices(self, index: int) -> dict[str, Any]:
-        """The random choices for ``index`` in the current epoch: flip, caption index, dropout, crop generator."""
-        gen = sample_generator(self.seed, "data", self.epoch, index)
+    def choices(self, index: int, epoch: int | None = None) -> dict[str, Any]:
+        """The random choices for ``index`` in ``epoch`` (default: the one set by :meth:`set_epoch`):
+        flip, caption index, dropout, crop generator."""
+        gen = sample_generator(self.seed, "data", self.epoch if epoch is None else epoch, index)
         u = torch.rand(3, generator=gen)  # flip, caption pick, dropout
         return {
             "flip": bool(self.random_flip and u[0] < 0.5),
@@ -419,9 +443,10 @@ class TextImageDataset(Dataset):
             return ""
         return item.captions[min(int(choice["caption_u"] * len(item.captions)), len(item.captions) - 1)]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, torch.Tensor]:
+        epoch, index = (key.epoch, key.index) if isinstance(key, SampleKey) else (self.epoch, int(key))
         item = self.source[index]
-        choice = self.choices(index)
+        choice = self.choices(index, epoch)
         sample: dict[str, torch.Tensor] = {"index": torch.tensor(index, dtype=torch.long)}
         if self.latent_cache is not None:
             which = "flipped" if choice["flip"] else "plain"
@@ -530,11 +555,19 @@ def cache_latents(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+class SampleKey(NamedTuple):
+    """What :class:`EpochShuffleSampler` yields and :class:`TextImageDataset` is indexed with."""
 
-    ``set_epoch`` picks the epoch (accelerate's prepared dataloader calls it); the order is the same in
-    every process and in a resumed run, so skipping the first batches of an epoch resumes exactly.
+    epoch: int
+    index: int
+
+
+class EpochShuffleSampler(Sampler[SampleKey]):
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``, as :class:`SampleKey` s.
+
+    ``set_epoch`` picks the epoch (:func:`epoch_loader` calls it); the order is the same in every
+    process and in a resumed run, so skipping the first batches of an epoch resumes exactly, and
+    each key carries the epoch its sample's random choices are drawn for.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
@@ -550,9 +583,44 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        return iter(torch.randperm(self.n, generator=sample_generator(self.seed, "shuffle", self.epoch)).tolist())
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=sample_generator(self.seed, "shuffle", self.epoch)).tolist()
+        else:
+            order = range(self.n)
+        return iter([SampleKey(self.epoch, i) for i in order])
+
+
+def epoch_loader(loader: Any, epoch: int, skip_batches: int = 0) -> Any:
+    """The batches of ``epoch`` from a (prepared) dataloader, without its first ``skip_batches``.
+
+    Sets the epoch on the loader and on every sampler and dataset under it (accelerate's own
+    ``set_epoch`` misses some of them; see the module docstring), so the shuffle order and each
+    sample's random choices are those of ``epoch`` -- in a resumed run too.
+
+    Args:
+        loader: a ``DataLoader`` or what ``accelerator.prepare`` made of one.
+        skip_batches: batches (per process) of this epoch already trained before a resume.
+    """
+    if skip_batches:
+        from accelerate.data_loader import skip_first_batches
+
+        loader = skip_first_batches(loader, skip_batches)
+    for part in _loader_parts(loader):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+    return loader
+
+
+def _loader_parts(loader: Any) -> list[Any]:
+    """The loader and the batch samplers, samplers and datasets nested in it (each once)."""
+    found, todo = {}, [loader]
+    while todo:
+        part = todo.pop()
+        if part is None or id(part) in found:
+            continue
+        found[id(part)] = part
+        todo += [getattr(part, name, None) for name in ("base_dataloader", "batch_sampler", "sampler", "dataset")]
+    return list(found.values())
 
 
 def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:

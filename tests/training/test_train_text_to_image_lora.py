@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,36 @@ def test_sigkill_while_saving_then_exact_resume(tiny_base, toy_data, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def _wide_images(folder: Path, n: int = 8) -> Path:
+    """``n`` 40x32 images (a random crop to 32 moves) with two captions each."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": [f"a photo of a sks ball {i}", f"a sks ball {i}"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
+    # 8 images, batch 2: 4 steps per epoch; checkpoint-10 is half-way through epoch 2 (0-based).
+    # Random crop, random flip and caption dropout on, so every epoch draws differently.
+    data = _wide_images(tmp_path / "wide")
+    common = dict(max_train_steps=12, checkpointing_steps=10, random_flip=True, caption_dropout=0.3, lora_dropout=0.1,
+                  lr_scheduler="cosine", lr_warmup_steps=2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check_ok(launch(script_args(tiny_base, data, straight, **common)))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    output = check_ok(launch(script_args(tiny_base, data, resumed, resume_from_checkpoint="checkpoint-10", **common)))
+    assert "at step 10" in output
+    a, b = summary(straight), summary(resumed)
+    assert len(a["losses"]) == 12 and a["losses"] == b["losses"] and a["learning_rates"] == b["learning_rates"]
+    ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(resumed / "lora_convlora.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_resume_path_that_does_not_exist_is_an_error(tiny_base, toy_data, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *script_args(tiny_base, toy_data, tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-5"))],
@@ -254,3 +285,65 @@ def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
         assert "concept score 'bag' ('a photo of a sks bag'): base" in output
     _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
     assert header["unet_preset"] == "full" and header["resolution"] == "32"
+
+
+# ---- bad input end to end: one line, exit 1 or 2, nothing half-written ----------------------------
+
+
+def _run_plain(args: list[str]):
+    """The script as `python train_text_to_image_lora.py ...` (the launcher adds its own traceback)."""
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def _error_line(result, code: int) -> str:
+    """The one error line (the progress bar may be redrawn after it)."""
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_argument_and_output_dir_errors_in_a_real_process(tiny_base, toy_data, tmp_path):
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, tmp_path / "a", checkpoints_total_limit=0)), 2)
+    assert line == "train_text_to_image_lora.py: error: --checkpoints_total_limit must be >= 1, got 0 (see --help)"
+    (tmp_path / "file").write_text("x")
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, tmp_path / "file")), 1)
+    assert line == f"error: --output_dir {tmp_path / 'file'} is an existing file, not a folder"
+
+
+def test_resume_refusals_and_clean_up_of_killed_saves(tiny_base, toy_data, tmp_path):
+    out = tmp_path / "run"
+    leftovers = [out / ".checkpoint-2.tmp-a1b2c3d4", out / ".lora_convlora.safetensors.a1b2c3d4.tmp"]
+    leftovers[0].mkdir(parents=True)
+    (leftovers[0] / "optimizer.safetensors").write_bytes(b"0" * 4096)
+    leftovers[1].write_bytes(b"0" * 4096)
+    common = dict(max_train_steps=4, checkpointing_steps=2, rank=4, lora_alpha=4)
+    check_ok(launch(script_args(tiny_base, toy_data, out, **common)))
+    assert not any(path.exists() for path in leftovers)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "lora_convlora.safetensors", "train_summary.json"]
+
+    # another alpha: refused before any model is loaded, naming both values
+    resume = dict(common, max_train_steps=6, resume_from_checkpoint="checkpoint-2")
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16))), 1)
+    assert line.startswith(f"error: {out / 'checkpoint-2'} was made with other settings: --lora_alpha 4.0 (checkpoint) vs 16.0 (this run)")
+    # a checkpoint without the settings record: the modules' own ranks and alphas are compared
+    marker = json.loads((out / "checkpoint-2" / "checkpoint.json").read_text())
+    del marker["settings"]
+    (out / "checkpoint-2" / "checkpoint.json").write_text(json.dumps(marker))
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16))), 1)
+    assert "unet_lora.safetensors was made with other LoRA settings" in line and "alpha 4.0 in the checkpoint" in line
+    assert "alpha 16.0 in this run" in line
+    # a pruned checkpoint
+    (out / "checkpoint-2" / "optimizer.safetensors").unlink()
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **resume)), 1)
+    assert line == f"error: checkpoint {out / 'checkpoint-2'} is missing optimizer.safetensors; resume from another checkpoint"
+    # nothing was changed by the refusals
+    assert read_state(out / "checkpoint-4", "progress")["global_step"] == 4 and summary(out)["global_step"] == 4
+
+
+def test_a_disk_that_fills_up_during_training(tiny_base, toy_data, tiny_filesystem):
+    # 64 KiB: the start-up check passes, the first checkpoint (about 1.7 MB) does not fit
+    result = _run_plain(script_args(tiny_base, toy_data, tiny_filesystem, max_train_steps=2, checkpointing_steps=1))
+    line = _error_line(result, 1)
+    assert line.startswith(f"error: cannot write checkpoint-1 in {tiny_filesystem}: ") and "No space left on device" in line
+    assert list(tiny_filesystem.iterdir()) == []  # no temporary folder or file left

@@ -12,10 +12,12 @@ import torch
 from convlora.training.checkpoints import (
     MARKER,
     CheckpointError,
+    check_settings,
     incomplete_checkpoints,
     list_checkpoints,
     read_marker,
     read_state,
+    remove_interrupted_saves,
     resolve_resume_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
@@ -47,7 +49,7 @@ def test_a_failing_write_leaves_nothing_and_keeps_the_previous(tmp_path):
         (folder / "half.bin").write_bytes(b"12")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint-2 in .*: disk full; the earlier checkpoints are untouched"):
         save_checkpoint(tmp_path, 2, broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
     assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-1"
@@ -188,3 +190,95 @@ def test_unpicklable_kinds_are_refused(tmp_path):
 
 def test_rotate_without_checkpoints_is_a_no_op(tmp_path):
     assert rotate_checkpoints(tmp_path, 2) == []
+
+
+# ---- damaged checkpoints, other settings, full disks, leftovers of killed saves -------------------
+
+
+def _state_checkpoint(root, step=3):
+    """A checkpoint like the training script's: state files (tensors + JSON) and a LoRA file."""
+    def write(folder):
+        write_state(folder, "optimizer", {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]})
+        write_state(folder, "progress", {"global_step": step})
+        (folder / "unet_lora.safetensors").write_bytes(b"x")
+
+    return save_checkpoint(root, step, write, info={"settings": {"--rank": 4, "--lora_alpha": 4.0}})
+
+
+@pytest.mark.parametrize("missing", ["optimizer.safetensors", "optimizer.json", "progress.json", "unet_lora.safetensors"])
+def test_a_checkpoint_missing_a_file_it_lists_is_refused_by_name(tmp_path, missing):
+    path = _state_checkpoint(tmp_path)
+    (path / missing).unlink()
+    for value in ("latest", str(path), "checkpoint-3"):
+        with pytest.raises(CheckpointError, match=rf"checkpoint .*checkpoint-3 is missing {missing}; resume from another"):
+            resolve_resume_checkpoint(value, tmp_path)
+
+
+def test_required_files_are_checked_even_if_the_marker_does_not_list_them(tmp_path):
+    path = _state_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"is missing lr_scheduler.json"):
+        resolve_resume_checkpoint(str(path), tmp_path, required=["progress.json", "lr_scheduler.json"])
+    assert resolve_resume_checkpoint(str(path), tmp_path, required=["progress.json"]) == path
+
+
+def test_damaged_state_files_are_checkpoint_errors(tmp_path):
+    path = _state_checkpoint(tmp_path)
+    assert torch.equal(read_state(path, "optimizer")["state"][0]["exp_avg"], torch.ones(2))
+    (path / "optimizer.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is not a readable safetensors file"):
+        read_state(path, "optimizer")
+    (path / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"optimizer.json refers to tensor 'optimizer.state.0.exp_avg'.*missing"):
+        read_state(path, "optimizer")
+    (path / "progress.json").write_bytes(b"{\xff")
+    with pytest.raises(CheckpointError, match="progress.json is not readable JSON"):
+        read_state(path, "progress")
+    with pytest.raises(CheckpointError, match="lr_scheduler.json is missing"):
+        read_state(path, "lr_scheduler")
+    (path / MARKER).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="checkpoint.json is not a JSON object"):
+        read_marker(path)
+
+
+def test_settings_must_match_and_both_values_are_named(tmp_path):
+    path = _state_checkpoint(tmp_path)
+    check_settings(path, {"--rank": 4, "--lora_alpha": 4.0})
+    with pytest.raises(CheckpointError, match=r"other settings: --lora_alpha 4.0 \(checkpoint\) vs 16.0 \(this run\)"):
+        check_settings(path, {"--rank": 4, "--lora_alpha": 16.0})
+    older = save_checkpoint(tmp_path, 5, _writer(5))  # records no settings: nothing to compare
+    check_settings(older, {"--lora_alpha": 16.0})
+
+
+def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
+    keep = [_state_checkpoint(tmp_path), tmp_path / "checkpoint-9", tmp_path / "notes.tmp", tmp_path / ".hidden",
+            tmp_path / "lora.safetensors", tmp_path / ".config.tmp"]
+    keep[1].mkdir()  # no marker: reported, not deleted
+    for path in keep[2:]:
+        path.write_text("mine")
+    leftovers = [tmp_path / ".checkpoint-6.tmp-ab_c12x9", tmp_path / ".checkpoint-6.old-k2j3h4g5",
+                 tmp_path / ".pytorch_lora_weights.safetensors.a1b2c3d4.tmp", tmp_path / ".train_summary.json.x_y_z123.tmp"]
+    for path in leftovers:
+        if "checkpoint" in path.name:
+            path.mkdir()
+            (path / "unet_lora.safetensors").write_bytes(b"0" * 100)
+        else:
+            path.write_bytes(b"0" * 100)
+    assert sorted(remove_interrupted_saves(tmp_path)) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+def test_a_full_disk_is_a_checkpoint_error_and_leaves_no_temporaries(tiny_filesystem):
+    first = save_checkpoint(tiny_filesystem, 1, _writer(1))
+
+    def big_file(folder):
+        (folder / "weights.bin").write_bytes(os.urandom(128 * 1024))
+
+    def big_state(folder):  # safetensors reports the full disk as its own error, not an OSError
+        write_state(folder, "optimizer", {"exp_avg": torch.zeros(32 * 1024)})
+
+    with pytest.raises(CheckpointError, match="cannot write checkpoint-2 in .*: No space left on device; the earlier"):
+        save_checkpoint(tiny_filesystem, 2, big_file)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint-2 in .*: .*No space left on device \(os error 28\)"):
+        save_checkpoint(tiny_filesystem, 2, big_state)
+    assert [p.name for p in tiny_filesystem.iterdir()] == ["checkpoint-1"]
+    assert json.loads((first / "data.json").read_text()) == {"value": 1}

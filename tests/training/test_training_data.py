@@ -14,6 +14,7 @@ from convlora.diffusion.tiny import load_tiny_tokenizer
 from convlora.training.data import (
     DataError,
     EpochShuffleSampler,
+    SampleKey,
     TextImageDataset,
     cache_latents,
     clip_tokenize,
@@ -203,15 +204,28 @@ def test_caption_dropout_and_caption_choice(tmp_path, tokenize):
     assert torch.equal(ds[0]["input_ids"], empty_ids)
 
 
-def test_epoch_sampler_is_a_seeded_permutation():
+def test_epoch_sampler_is_a_seeded_permutation_of_keys_that_carry_the_epoch():
     s = EpochShuffleSampler(10, seed=4)
     first = list(s)
-    assert sorted(first) == list(range(10)) and first == list(s)
+    assert sorted(k.index for k in first) == list(range(10)) and first == list(s)
+    assert {k.epoch for k in first} == {0}
     s.set_epoch(1)
-    assert list(s) != first
+    assert [k.index for k in s] != [k.index for k in first] and {k.epoch for k in s} == {1}
     other = EpochShuffleSampler(10, seed=4)
     other.set_epoch(1)
     assert list(other) == list(s)
+    assert [k.index for k in EpochShuffleSampler(4, seed=4, shuffle=False)] == [0, 1, 2, 3]
+
+
+def test_a_sample_key_brings_its_epoch_whatever_epoch_the_dataset_holds(tmp_path, tokenize):
+    write_toy_dataset(tmp_path, n=4, size=24)
+    ds = TextImageDataset(read_image_folder(tmp_path), tokenize, 16, random_flip=True, caption_dropout=0.5, seed=0)
+    ds.set_epoch(3)
+    by_int = [ds[i] for i in range(4)]
+    ds.set_epoch(0)
+    by_key = [ds[SampleKey(3, i)] for i in range(4)]
+    for a, b in zip(by_int, by_key):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sample_seed_streams_are_distinct_and_stable():
@@ -265,3 +279,32 @@ def test_cache_latents_refuses_random_crops_of_non_square_images(tmp_path, token
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cache_latents(ds, lambda p: (p, p))
+
+
+# ---- malformed caption files and metadata: named errors, never a traceback -----------------------
+
+
+@pytest.mark.parametrize("where", ["metadata.jsonl", "metadata.csv", "sidecar"])
+def test_invalid_utf8_is_a_data_error_naming_the_file_and_byte(tmp_path, where):
+    _image(tmp_path / "a.png")
+    bad = "caption caf\xe9".encode("latin-1")  # é in Latin-1: not UTF-8
+    if where == "metadata.jsonl":
+        target = tmp_path / where
+        target.write_bytes(b'{"file_name": "a.png", "text": "' + bad + b'"}\n')
+    elif where == "metadata.csv":
+        target = tmp_path / where
+        target.write_bytes(b"file_name,text\na.png," + bad + b"\n")
+    else:
+        target = tmp_path / "a.txt"
+        target.write_bytes(bad)
+    offset = bad.index(b"\xe9") + (target.read_bytes().index(bad) if where != "sidecar" else 0)
+    with pytest.raises(DataError, match=rf"{target.name} is not valid UTF-8 \(byte {offset}: b'\\xe9"):
+        read_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("file_name", [5, None, "", ["a.png"], "/abs/a.png"])
+def test_file_name_that_is_not_a_relative_path_is_a_data_error(tmp_path, file_name):
+    _image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"metadata.jsonl:1: file_name must be a non-empty path relative to the folder, got "):
+        read_image_folder(tmp_path)
