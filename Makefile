@@ -16,7 +16,7 @@ UV_MIRROR = idx="$$($(PY) -m pip config get global.extra-index-url 2>/dev/null)"
 	if [ -n "$$idx" ]; then export UV_EXTRA_INDEX_URL="$$idx" UV_INDEX_STRATEGY=unsafe-best-match; fi; \
 	if [ -n "$$links" ]; then export UV_FIND_LINKS="$$links"; fi
 
-.PHONY: demo test test-slow test-all lock bench bench-breakdown bench-smoke clean-venv
+.PHONY: demo test test-slow test-fuzz test-all lock bench bench-breakdown bench-smoke clean-venv
 
 # A changed lock or pyproject rebuilds the venv from nothing, so a stale one never stands in for it.
 $(STAMP): pyproject.toml $(LOCK)
@@ -30,10 +30,14 @@ demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not fuzz"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The property-based suite at full length (the fast suite runs each property on a few dozen examples).
+test-fuzz: $(STAMP)
+	$(PY) -m pytest -q -m fuzz
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

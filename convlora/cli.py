@@ -5,7 +5,10 @@
     convlora convert IN OUT --to diffusers|kohya|native|peft [--component unet]
                      [--kohya-names ldm --base PIPELINE_DIR]
     convlora doctor LORA_FILE [--base PIPELINE_DIR]   which loaders accept the file, and why not
-    convlora merge PIPELINE_DIR LORA_FILE OUT_DIR     a pipeline folder with the LoRA merged in
+    convlora merge PIPELINE_DIR LORA_FILE OUT_DIR [--overwrite]   a pipeline folder with the LoRA merged in
+
+Errors print one line on stderr: exit status 2 for bad input (a file, header or argument that is
+not what it should be), 1 for an operating-system failure (permissions, a full disk).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from convlora import __version__
 
@@ -76,11 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="write a pipeline folder with a LoRA merged into its weights",
         description="Loads the pipeline, loads the LoRA (any format) into its UNet / text encoder, merges "
-        "W + (alpha/r) B A into the weights and saves the result in the diffusers folder layout.",
+        "W + (alpha/r) B A into the weights (float32 math) and saves the result in the diffusers folder layout, "
+        "each component in the dtype it was stored in. OUT is written to a temporary folder and renamed into "
+        "place when complete.",
     )
     merge.add_argument("pipeline", help="diffusers pipeline folder")
     merge.add_argument("lora", help="LoRA file or PEFT adapter folder")
-    merge.add_argument("out", help="output pipeline folder")
+    merge.add_argument("out", help="output pipeline folder (must not exist, unless --overwrite)")
+    merge.add_argument(
+        "--overwrite", action="store_true",
+        help="replace OUT if it exists, even when it is the input pipeline (files the pipeline does not write are kept)",
+    )  # fmt: skip
     return parser
 
 
@@ -94,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"convlora {args.command}: error: {err}", file=sys.stderr)
+        print(f"convlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write (a full disk) as its own error
+        print(f"convlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -236,8 +254,12 @@ def _ldm_names_of(pipeline: Path):
 
 def _doctor(args: argparse.Namespace) -> int:
     from convlora.diffusion.pipeline import build_pipeline_skeleton
+    from convlora.formats.detect import lora_file_of
     from convlora.formats.doctor import diagnose
+    from convlora.formats.peft import read_peft_config
 
+    if lora_file_of(args.file)[1]:
+        read_peft_config(args.file)  # an adapter_config.json that is not a LoRA config: one line, not a diagnosis
     base = build_pipeline_skeleton(args.base) if args.base else None
     diagnosis = diagnose(args.file, base=base)
     print(diagnosis.render())
@@ -249,16 +271,70 @@ def _merge(args: argparse.Namespace) -> int:
 
     import convlora
     from convlora.diffusion import load_pipeline_lora
+    from convlora.diffusion.pipeline import stored_dtypes
+    from convlora.io import replace_folder
 
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    from convlora.formats import read_lora_file
+
+    source, out = Path(args.pipeline), Path(args.out)
+    _check_merge_target(source, out, args.overwrite)
+    read_lora_file(args.lora)  # a bad file fails before the pipeline is loaded
+    dtypes = stored_dtypes(source)
+    _quiet_loading()
+    pipe = DiffusionPipeline.from_pretrained(source)  # float32, so the merge math is float32
     text_encoder = getattr(pipe, "text_encoder", None)
     info = load_pipeline_lora(args.lora, unet=pipe.unet, text_encoder=text_encoder)
     for name in ("unet", "text_encoder"):
         if info[name]:
             convlora.merge_and_unload(getattr(pipe, name))
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    _cast_to_stored_dtypes(pipe, dtypes, info)
+    replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     print(f"merged {len(info['unet'])} unet and {len(info['text_encoder'])} text-encoder modules ({info['format']}) -> {args.out}")
     return 0
+
+
+def _quiet_loading() -> None:
+    """No progress bars from diffusers / transformers: the command's own lines (and one error line) only."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _check_merge_target(source: Path, out: Path, overwrite: bool) -> None:
+    """OUT may not be the input pipeline, an existing folder or a file, unless ``--overwrite``."""
+    if not source.is_dir():
+        raise FileNotFoundError(f"pipeline folder not found: {source}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if overwrite:
+        return
+    if out.resolve() == source.resolve():
+        raise ValueError(f"OUT {out} is the input pipeline folder; pass --overwrite to replace it with the merged one")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"OUT {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _cast_to_stored_dtypes(pipe, dtypes: dict, info: dict) -> None:
+    """Every tensor back in the dtype it was stored in; a merged weight that does not fit it is an error.
+
+    Raises:
+        ValueError: merged weights that hold NaN / inf in the stored dtype (e.g. beyond fp16's 65504), named.
+    """
+    import torch
+
+    from convlora.state import check_finite
+
+    for name, stored in dtypes.items():
+        component = getattr(pipe, name, None)
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in component.state_dict(keep_vars=True).items():
+            if key in stored and tensor.is_floating_point() and tensor.dtype != stored[key]:
+                tensor.data = tensor.data.to(stored[key])
+        merged = {f"{name}.{p}.weight": component.get_submodule(p).weight for p in info.get(name) or []}
+        check_finite(merged, source=f"the merged {name} in its stored dtype")
 
 
 if __name__ == "__main__":

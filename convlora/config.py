@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from convlora.state import checked_alpha, checked_rank
+
 INIT_CHOICES = ("kaiming", "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -92,35 +94,36 @@ class LoRAConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
-        _check_rank("r", self.r)
+        _check("r", checked_rank, self.r)
         if self.conv_rank is not None:
-            _check_rank("conv_rank", self.conv_rank)
+            _check("conv_rank", checked_rank, self.conv_rank)
         for name in ("alpha", "conv_alpha"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"LoRAConfig.{name} must be a positive number or None, got {value!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            if getattr(self, name) is not None:
+                _check(name, checked_alpha, getattr(self, name))
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one module to adapt")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise ValueError(f"LoRAConfig.{name} is not a valid regex: {value!r} ({err})") from None
-            elif value is not None and not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"LoRAConfig.{name} must be a regex string or a list of non-empty names, got {value!r}")
-        for key, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", rank)
-        for key, alpha in self.alpha_pattern.items():
-            if not (isinstance(alpha, (int, float)) and alpha > 0):
-                raise ValueError(f"LoRAConfig.alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
-        if self.init not in INIT_CHOICES:
+        _check_targets("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_targets("exclude_modules", self.exclude_modules)
+        for name, check in (("rank_pattern", checked_rank), ("alpha_pattern", checked_alpha)):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict) or not all(isinstance(k, str) and k for k in patterns):
+                raise ValueError(f"LoRAConfig.{name} must be a dict keyed by non-empty module names, got {patterns!r}")
+            for key, value in patterns.items():
+                _check(f"{name}[{key!r}]", check, value)
+        for name in ("use_rslora", "merge_on_eval"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.init, str) or self.init not in INIT_CHOICES:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
-        if self.bias not in BIAS_CHOICES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_CHOICES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            raise ValueError(f"LoRAConfig.modules_to_save must be None or a list of module names, got {self.modules_to_save!r}")
 
     def rank_and_alpha(self, path: str, is_spatial_conv: bool) -> tuple[int, float]:
         """Rank and alpha for one module path.
@@ -156,6 +159,8 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoRAConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a LoRAConfig is read from a dict of its fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -167,6 +172,17 @@ class LoRAConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LoRAConfig.{name} must be an integer >= 1, got {value!r}")
+def _check(name: str, check, value: Any) -> None:
+    """Run one of :mod:`convlora.state`'s value checks, naming the field ``LoRAConfig.<name>``."""
+    check(value, f"LoRAConfig.{name}")
+
+
+def _check_targets(name: str, value: Any) -> None:
+    """``target_modules`` / ``exclude_modules``: a valid regex string, or a list of non-empty names."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"LoRAConfig.{name} is not a valid regex: {value!r} ({err})") from None
+    elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise ValueError(f"LoRAConfig.{name} must be a regex string or a list of non-empty names, got {value!r}")

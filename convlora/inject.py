@@ -1,7 +1,10 @@
 """Put LoRA layers into any model, and take them out again.
 
 Injection is planned first and applied second: every target is resolved and checked before a
-single module is replaced, so a bad config raises and leaves the model exactly as it was.
+single module is replaced, so a bad config raises and leaves the model exactly as it was. Loads are
+all-or-nothing too: :func:`load_lora_state_dict` checks every tensor (keys, shapes, dtype,
+finiteness) before writing one, and :func:`unchanged_on_error` puts models back as they were when a
+multi-step load fails part-way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from convlora.config import LoRAConfig, key_matches, path_matches, pattern_matches
 from convlora.layers import LORA_CLASSES, LoRALayer, is_spatial_conv
-from convlora.state import LORA_PARAM_NAMES, check_state_dict
+from convlora.state import LORA_PARAM_NAMES, check_adapter_tensors, check_state_dict
 
 CONFIG_ATTR = "convlora_config"  # the LoRAConfig used to inject a model is kept on its root module
 
@@ -26,6 +29,8 @@ class LayerSpec:
 
     r: int
     alpha: float
+    use_rslora: bool | None = None
+    """``alpha / sqrt(r)`` scaling for this module; ``None`` means the config's ``use_rslora``."""
 
 
 def plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, LayerSpec]:
@@ -96,8 +101,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 
 def apply_plan(model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConfig) -> None:
-    """Replace the modules named in ``plan`` (as made by :func:`plan_injection`)."""
+    """Replace the modules named in ``plan`` (as made by :func:`plan_injection`).
+
+    A module whose weight is shared with another parameter of ``model`` (GPT-2's ``lm_head`` tied
+    to ``wte``) gets LoRA that never merges into that shared tensor: merge-on-eval skips it with a
+    warning and :func:`merge_and_unload` refuses it, both naming the parameters it is tied to.
+    """
     modules = dict(model.named_modules())
+    tied = tied_weights(model, list(plan))
     new_layers = {}
     for path, spec in plan.items():
         base = modules[path]
@@ -108,9 +119,10 @@ def apply_plan(model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConf
             dropout=config.dropout,
             merge_weights=config.merge_on_eval,
             init=config.init,
-            use_rslora=config.use_rslora,
+            use_rslora=config.use_rslora if spec.use_rslora is None else spec.use_rslora,
         )
         layer._lora_path = path
+        layer._tied_to = tied.get(path)
         if not base.training:
             # An injected model in eval mode behaves as eval() would have left it: merged.
             layer.train(False)
@@ -118,6 +130,30 @@ def apply_plan(model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConf
     for path, layer in new_layers.items():
         _set_submodule(model, path, layer)
     setattr(model, CONFIG_ATTR, config)
+
+
+def tied_weights(model: nn.Module, paths: Iterable[str]) -> dict[str, str]:
+    """``path -> "name, name"`` for each module in ``paths`` whose ``weight`` shares memory with
+    another parameter of ``model`` (tied embeddings, a module registered twice, views of one buffer).
+
+    Tensors on the ``meta`` device have no memory and are compared by identity only.
+    """
+    by_memory: dict[object, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_memory.setdefault(_memory_of(param), []).append(name)
+    modules = dict(model.named_modules())
+    tied = {}
+    for path in paths:
+        others = [n for n in by_memory.get(_memory_of(modules[path].weight), []) if n != f"{path}.weight"]
+        if others:
+            tied[path] = ", ".join(sorted(others))
+    return tied
+
+
+def _memory_of(tensor: torch.Tensor) -> object:
+    if tensor.device.type == "meta" or tensor.untyped_storage().data_ptr() == 0:
+        return id(tensor)
+    return (tensor.device, tensor.untyped_storage().data_ptr())
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -199,11 +235,14 @@ def load_lora_state_dict(
     Merged layers are unmerged, updated and merged again, so the model stays consistent.
 
     Raises:
-        StateDictMismatchError: naming missing / unexpected keys (when ``strict``) and every
-            shape mismatch with both shapes. Nothing is changed.
+        StateDictMismatchError: naming missing / unexpected keys (when ``strict``), every shape
+            mismatch with both shapes, and integer / bool tensors. Nothing is changed.
+        ValueError: tensors that hold NaN / inf once cast to their parameter's dtype (a float64
+            ``1e300`` for a float32 parameter), named. Nothing is changed.
     """
     params = adapter_parameters(model, bias)
     check_state_dict({k: p.shape for k, p in params.items()}, state_dict, strict=strict, source=source)
+    check_adapter_tensors(state_dict, {k: p.dtype for k, p in params.items()}, source=source)
     layers = lora_layers(model)
     touched = [layer for path, layer in layers.items() if any(key.startswith(path + ".") for key in state_dict)]
     with temporarily_unmerged(touched), torch.no_grad():
@@ -214,7 +253,11 @@ def load_lora_state_dict(
 
 @contextlib.contextmanager
 def temporarily_unmerged(layers: Iterable[LoRALayer]) -> Iterator[None]:
-    """Unmerge ``layers`` for the block (e.g. to change A, B or the scaling), re-merge those that were merged."""
+    """Unmerge ``layers`` for the block (e.g. to change A, B or the scaling), re-merge those that were merged.
+
+    Re-merging follows merge-on-eval's rule: a layer whose new merge would not be finite stays
+    unmerged (one warning) rather than failing half-way through the list.
+    """
     layers = list(layers)
     was_merged = [layer.merged for layer in layers]
     for layer in layers:
@@ -224,7 +267,50 @@ def temporarily_unmerged(layers: Iterable[LoRALayer]) -> Iterator[None]:
     finally:
         for layer, merged in zip(layers, was_merged):
             if merged:
-                layer.merge()
+                layer._merge_or_run_unmerged()
+
+
+@contextlib.contextmanager
+def unchanged_on_error(*models: nn.Module | None) -> Iterator[None]:
+    """If the block raises, put every model's LoRA back exactly as it was, then re-raise.
+
+    A model without LoRA before the block loses whatever LoRA the block injected; a model with LoRA
+    gets back copies of its A, B, alpha, rsLoRA flag and merge state (a merged layer is merged
+    again from its restored base weight, bit-identically). ``None`` entries are skipped.
+    """
+    saved = [(model, _lora_snapshot(model)) for model in models if model is not None]
+    try:
+        yield
+    except BaseException:
+        for model, snapshot in saved:
+            _restore_lora(model, snapshot)
+        raise
+
+
+def _lora_snapshot(model: nn.Module) -> tuple[dict[str, tuple], LoRAConfig | None]:
+    state = {
+        path: (layer, layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.lora_alpha, layer.use_rslora, layer.merged)
+        for path, layer in lora_layers(model).items()
+    }
+    return state, get_config(model)
+
+
+def _restore_lora(model: nn.Module, snapshot: tuple[dict[str, tuple], LoRAConfig | None]) -> None:
+    state, config = snapshot
+    if not state and lora_layers(model):
+        unload(model)  # the block injected these layers
+    for layer, lora_A, lora_B, alpha, use_rslora, merged in state.values():
+        layer.unmerge()
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        layer.lora_alpha, layer.use_rslora = alpha, use_rslora
+        if merged:
+            layer.merge()  # these A, B merged before, so they merge again to the same weight
+    if config is not None:
+        setattr(model, CONFIG_ATTR, config)
+    elif hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
 
 
 @contextlib.contextmanager
@@ -244,7 +330,13 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its plain torch layer with ``s * ΔW`` merged in (fp32 math).
 
-    Every merge is checked (finite) before any layer is replaced. Returns ``model``.
+    Every merge is checked (finite in the weight's own dtype) before any layer is replaced; a
+    failure leaves every layer as it was. Returns ``model``.
+
+    Raises:
+        ValueError: a merged weight would hold NaN / inf in its dtype (the layer is named).
+        RuntimeError: a weight that cannot take a merge: sharded, quantized, or tied to another
+            parameter (named; merging would change that parameter too).
     """
     layers = lora_layers(model)
     was_merged = {path: layer.merged for path, layer in layers.items()}

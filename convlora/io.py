@@ -3,25 +3,30 @@
 Header metadata (all strings, as safetensors requires):
     ``convlora_format``       ``"1"``
     ``convlora_config``       the LoRAConfig as JSON
-    ``convlora_modules``      JSON ``{path: {"type", "r", "alpha", "base_shape"}}``
+    ``convlora_modules``      JSON ``{path: {"type", "r", "alpha", "base_shape"[, conv geometry][, "use_rslora"]}}``
+                              (``use_rslora`` where a module's differs from the config's)
     ``convlora_fingerprint``  hash of the adapted paths and base weight shapes
-plus any user metadata (e.g. the training script's base model, steps, resolution).
+plus any user metadata (e.g. the training script's base model, steps, resolution). Headers are
+read and checked by :mod:`convlora.header`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from convlora import header as headers
 from convlora.config import LoRAConfig
+from convlora.errors import LoRAFileError
 from convlora.inject import (
     LayerSpec,
     apply_plan,
@@ -30,24 +35,23 @@ from convlora.inject import (
     lora_layers,
     lora_state_dict,
     temporarily_unmerged,
-    unload,
+    unchanged_on_error,
 )
 from convlora.layers import LORA_CLASSES, conv_geometry_record
-from convlora.state import check_finite, fingerprint, scaling_for
+from convlora.state import check_finite, fingerprint
+
+__all__ = ["LoRAFileError", "load_lora", "read_safetensors", "replace_folder", "save_lora", "write_safetensors"]
 
 FORMAT_VERSION = "1"
 RESERVED_KEYS = ("convlora_format", "convlora_config", "convlora_modules", "convlora_fingerprint")
-
-
-class LoRAFileError(ValueError):
-    """A file is missing, unreadable, not safetensors, or not the kind of LoRA file expected."""
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a safetensors file atomically: a temporary file in the same folder, then a rename.
 
     A crash or an error part-way leaves no file (or the previous file) at ``path``, never half of one.
-    Non-finite tensors are refused before anything is written.
+    Non-finite tensors are refused before anything is written. A failed write (a full disk, which
+    safetensors reports as its own ``SafetensorError``) is an ``OSError`` naming ``path``.
     """
     path = Path(path)
     check_finite(tensors, source=f"tensors for {path}")
@@ -56,7 +60,10 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
+        try:
+            save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
+        except SafetensorError as err:
+            raise OSError(f"could not write {path}: {err}") from err
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
@@ -65,6 +72,48 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a whole folder atomically: ``write(tmp)`` fills a temporary sibling, which then takes ``path``'s place.
+
+    Files already in ``path`` that ``write`` does not produce (a README, other models) are carried
+    over. An error (a full disk, a failing ``write``) removes the temporary folder and leaves ``path``
+    as it was; a crash leaves at most a hidden ``.<name>.*.tmp`` sibling, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700; give the usual folder mode
+        if path.exists():
+            _carry_over(path, tmp)
+            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _carry_over(src: Path, dst: Path) -> None:
+    """Copy into ``dst`` every entry of ``src`` that ``dst`` lacks (folders present in both: recursively)."""
+    for entry in src.iterdir():
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if target.is_dir():
+                _carry_over(entry, target)
+            elif not target.exists():
+                shutil.copytree(entry, target, symlinks=True)
+        elif not target.exists():
+            shutil.copy2(entry, target, follow_symlinks=False)
 
 
 def _current_umask() -> int:
@@ -113,19 +162,16 @@ def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
         ValueError: the model has no LoRA layers, an adapter tensor is non-finite, or ``metadata``
             uses a reserved key or a non-string value.
     """
-    extra = dict(metadata or {})
-    bad = [k for k, v in extra.items() if k.startswith("convlora_") or not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"metadata keys must be strings not starting with 'convlora_', values strings: {bad}")
+    extra = headers.user_metadata(metadata)
     layers = lora_layers(model)
     tensors = lora_state_dict(model)
+    config = get_config(model)
     header = {
         "convlora_format": FORMAT_VERSION,
-        "convlora_modules": json.dumps(_module_table(layers), sort_keys=True),
+        "convlora_modules": json.dumps(_module_table(layers, config), sort_keys=True),
         "convlora_fingerprint": fingerprint(_base_shapes(layers)),
         **extra,
     }
-    config = get_config(model)
     if config is not None:
         header["convlora_config"] = config.to_json()
     return write_safetensors(tensors, path, header)
@@ -148,40 +194,37 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
         Nothing in ``model`` is changed when any of these is raised.
     """
     tensors, header = read_safetensors(path)
-    if "convlora_modules" not in header:
+    table = headers.module_table(header, str(path))
+    if table is None:
         raise LoRAFileError(
             f"{path} has no convlora header (keys like {sorted(tensors)[:2]}); if it is a diffusers, "
             "kohya or PEFT file, import it with `convlora convert` or convlora.formats"
         )
-    table: dict[str, dict] = json.loads(header["convlora_modules"])
-    config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
+    config = headers.header_config(header, str(path))
+    default_rslora = config.use_rslora if config is not None else False
     layers = lora_layers(model)
-    injected_here = not layers
-    if injected_here:
-        _check_base_fits(model, table, path)
-        plan = {p: LayerSpec(int(m["r"]), float(m["alpha"])) for p, m in table.items()}
-        apply_plan(model, plan, config or _config_for_table(table))
-        layers = lora_layers(model)
-    elif strict:
-        _check_fingerprint(layers, table, header, path)
-    try:
+    with unchanged_on_error(model):
+        if not layers:
+            _check_base_fits(model, table, path)
+            plan = {p: LayerSpec(m["r"], m["alpha"], m.get("use_rslora", default_rslora)) for p, m in table.items()}
+            apply_plan(model, plan, config or _config_for_table(table))
+            layers = lora_layers(model)
+        elif strict:
+            _check_fingerprint(layers, table, header, path)
         loaded = [p for p in table if p in layers]
         with temporarily_unmerged([layers[p] for p in loaded]):
             load_lora_state_dict(model, tensors, strict=strict, source=str(path))
-            use_rslora = config.use_rslora if config is not None else False
-            for p in loaded:
-                layers[p].lora_alpha = float(table[p]["alpha"])
-                layers[p].scaling = scaling_for(layers[p].r, layers[p].lora_alpha, use_rslora)
-    except Exception:
-        if injected_here:
-            unload(model)
-        raise
+            for p in loaded:  # the layer keeps its scaling from these two
+                layers[p].lora_alpha = table[p]["alpha"]
+                layers[p].use_rslora = table[p].get("use_rslora", default_rslora)
     return loaded
 
 
-def _module_table(layers) -> dict[str, dict]:
+def _module_table(layers, config: LoRAConfig | None) -> dict[str, dict]:
     """Per module: kind, rank, alpha, base weight shape and, for convs, ``groups`` / ``dilation`` /
-    ``padding_mode`` (so a file converted without its model can still be checked for export)."""
+    ``padding_mode`` (so a file converted without its model can still be checked for export); plus
+    ``use_rslora`` where the module's scaling rule differs from the config's (mixed adapters)."""
+    default_rslora = config.use_rslora if config is not None else False
     return {
         path: {
             "type": type(layer).__name__,
@@ -189,6 +232,7 @@ def _module_table(layers) -> dict[str, dict]:
             "alpha": layer.lora_alpha,
             "base_shape": list(layer.weight.shape),
             **(conv_geometry_record(layer) or {}),
+            **({"use_rslora": layer.use_rslora} if layer.use_rslora != default_rslora else {}),
         }
         for path, layer in layers.items()
     }
@@ -230,4 +274,4 @@ def _check_fingerprint(layers, table: Mapping[str, dict], header: Mapping[str, s
 
 
 def _config_for_table(table: Mapping[str, dict]) -> LoRAConfig:
-    return LoRAConfig(r=max(int(m["r"]) for m in table.values()), target_modules=sorted(table))
+    return LoRAConfig(r=max(m["r"] for m in table.values()), target_modules=sorted(table))

@@ -10,10 +10,16 @@ Shapes (the README's LoRA math section):
     GPT-2 ``Conv1D`` ``W (in, out)``:    ``lora_A (r, in)``,             ``lora_B (out, r)``
 
 Merge-on-eval (loralib's contract, made exact): ``eval()`` merges ``s * ΔW`` into the weight (the
-merge is computed in float32 and cast back; a non-finite result raises and changes nothing),
-``train()`` restores the weight **bit-exactly** from a copy taken at merge time, so no drift
-accumulates over any number of cycles in any dtype. While merged, ``state_dict()`` still reports the
-base weight, so a checkpoint taken in eval mode is a clean base + adapter.
+merge is computed in float32 and cast back; a result that is not finite *in the weight's own dtype*
+is refused and changes nothing), ``train()`` restores the weight **bit-exactly** from a copy taken
+at merge time, so no drift accumulates over any number of cycles in any dtype. While merged,
+``state_dict()`` still reports the base weight, so a checkpoint taken in eval mode is a clean base +
+adapter.
+
+A merged layer stays true to its A, B and scaling: when any of them changed since the merge (an
+optimizer step in eval mode, a load, a new alpha) the next forward merges again from the saved base
+weight. ``eval()`` itself never raises: a layer that cannot be merged (sharded, quantized, tied to
+another module's weight, or non-finite once merged) runs unmerged, with one warning naming why.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from convlora import fused
-from convlora.state import delta_weight, scaling_for
+from convlora.state import checked_alpha, checked_rank, delta_weight, scaling_for
 
 _WARNED: set[str] = set()
 
@@ -45,8 +51,9 @@ class LoRALayer:
 
     Attributes:
         r: rank of the update.
-        lora_alpha: scaling numerator.
-        scaling: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+        lora_alpha: scaling numerator (a finite number > 0; setting it updates ``scaling``).
+        use_rslora: ``alpha / sqrt(r)`` scaling instead of ``alpha / r`` (setting it updates ``scaling``).
+        scaling: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), kept by the layer from the two above.
         merge_weights: whether ``eval()`` merges and ``train()`` unmerges.
         merged: whether ``s * ΔW`` is currently inside ``weight``.
         lora_disabled: when True the layer computes the base output only.
@@ -64,14 +71,15 @@ class LoRALayer:
         init: str = "kaiming",
         use_rslora: bool = False,
     ) -> None:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
+        checked_rank(r, "LoRA rank r")
+        if isinstance(lora_dropout, bool) or not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         self.r = r
-        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
-        self.use_rslora = use_rslora
-        self.scaling = scaling_for(r, self.lora_alpha, use_rslora)
+        self._use_rslora = use_rslora
+        self._lora_alpha = float(r)
+        self.lora_alpha = r if lora_alpha is None else lora_alpha  # checked; sets self.scaling
         self.merge_weights = merge_weights
         self.merged = False
         self.lora_disabled = False
@@ -84,7 +92,29 @@ class LoRALayer:
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
         # The exact pre-merge weight while merged; non-persistent, so never saved.
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        self._merged_lora: _MergeRecord | None = None  # the A, B and scaling the merge was made with
         self.reset_lora_parameters(init)
+
+    # ---- alpha and rsLoRA: the layer owns its scaling -------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        self._lora_alpha = checked_alpha(value, f"lora_alpha of {self._describe()}")
+        self.scaling = scaling_for(self.r, self._lora_alpha, self._use_rslora)
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"use_rslora of {self._describe()} must be True or False, got {value!r}")
+        self._use_rslora = value
+        self.scaling = scaling_for(self.r, self._lora_alpha, value)
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """A: Kaiming-uniform (a=sqrt(5), as ``nn.Linear``) or N(0, 1/r²); B: zeros, so ΔW = 0."""
@@ -144,7 +174,7 @@ class LoRALayer:
         state["_modules"].pop("lora_dropout")
         state["_buffers"].pop("_unmerged_weight")
         state["_non_persistent_buffers_set"].discard("_unmerged_weight")
-        for name in ("r", "lora_alpha", "use_rslora", "scaling", "merge_weights", "merged", "lora_disabled"):
+        for name in _LORA_ATTRIBUTES:
             state.pop(name, None)
         base = self.torch_class.__new__(self.torch_class)
         base.__dict__.update(state)
@@ -168,28 +198,33 @@ class LoRALayer:
         return self._delta_to_weight_layout(delta_weight(self.lora_A, self.lora_B, self.scaling))
 
     def merge(self) -> None:
-        """Add ``s * ΔW`` into ``weight`` (fp32 math, cast back). A no-op if already merged.
+        """Add ``s * ΔW`` into ``weight`` (fp32 math, cast back). A no-op if merged with the current A, B
+        and scaling; merged with older ones, the merge is redone from the saved base weight.
 
         Raises:
-            ValueError: the merged weight would hold NaN/inf; the weight is left untouched.
-            RuntimeError: the weight is sharded (FSDP) or quantized and cannot be merged.
+            ValueError: the merged weight would hold NaN/inf once cast to the weight's dtype (e.g. an
+                fp16 weight whose merged value passes 65504); the layer is left unmerged, base weight intact.
+            RuntimeError: the weight is sharded (FSDP), quantized or tied to another module's weight.
         """
         if self.merged:
-            return
+            if not self._merge_is_stale(compare_values=True):
+                return
+            self.unmerge()
         blocker = self._merge_blocker()
         if blocker is not None:
             raise RuntimeError(f"cannot merge LoRA into {self._describe()}: its weight is {blocker}")
         weight = self.weight
-        merged = weight.detach().float() + self.delta_weight().to(weight.device)
+        merged = (weight.detach().float() + self.delta_weight().to(weight.device)).to(weight.dtype)
         if not bool(torch.isfinite(merged).all()):
             raise ValueError(
-                f"merging LoRA into {self._describe()} gives non-finite weights (NaN/inf); "
-                "the base weight was left unchanged"
+                f"merging LoRA into {self._describe()} gives non-finite weights (NaN/inf) in "
+                f"{str(weight.dtype).replace('torch.', '')}; the base weight was left unchanged"
             )
         self._unmerged_weight = weight.detach().clone()
         with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
+            weight.copy_(merged)
         self.merged = True
+        self._merged_lora = _MergeRecord.of(self)
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight (bit-identical). A no-op if not merged."""
@@ -198,6 +233,7 @@ class LoRALayer:
         with torch.no_grad():
             self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+        self._merged_lora = None
         self.merged = False
 
     def train(self, mode: bool = True):
@@ -207,15 +243,28 @@ class LoRALayer:
             if mode:
                 self.unmerge()
             elif not self.lora_disabled and not self.merged:
-                blocker = self._merge_blocker()
-                if blocker is None:
-                    self.merge()
-                else:
-                    _warn_once(
-                        f"convlora: merge-on-eval skipped because weights are {blocker}; "
-                        "LoRA layers run unmerged (same outputs, slightly slower)."
-                    )
+                self._merge_or_run_unmerged()
         return self
+
+    def _merge_or_run_unmerged(self) -> None:
+        """Merge-on-eval: merge, or say once why not and leave the layer unmerged (same outputs)."""
+        blocker = self._merge_blocker()
+        if blocker is not None:
+            _warn_once(
+                f"convlora: merge-on-eval skipped because weights are {blocker}; "
+                "LoRA layers run unmerged (same outputs, slightly slower)."
+            )
+            return
+        try:
+            self.merge()
+        except ValueError as err:
+            _warn_once(f"convlora: merge-on-eval skipped: {err}; the layer runs unmerged.")
+
+    def _merge_is_stale(self, compare_values: bool) -> bool:
+        """Whether A, B or the scaling changed since the merge (``compare_values``: also by value, which
+        catches in-place writes through ``.data`` that bump no version counter)."""
+        record = self._merged_lora
+        return record is None or not record.matches(self, compare_values)
 
     def _merge_blocker(self) -> str | None:
         """Why this weight cannot be merged in place, or None."""
@@ -227,6 +276,9 @@ class LoRALayer:
             return "sharded (FSDP)"
         if not weight.is_floating_point() or kind in ("Params4bit", "Int8Params"):
             return "quantized"
+        tied = getattr(self, "_tied_to", None)  # set by injection: merging would change those too
+        if tied:
+            return f"tied to {tied}"
         return None
 
     # ---- forward -------------------------------------------------------------------------------
@@ -235,8 +287,15 @@ class LoRALayer:
             return super().forward(x)
         if not self.merged:
             return self._adapted_forward(x)
+        learning = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        if self._merge_is_stale(compare_values=learning):
+            # A or B moved since the merge (e.g. an optimizer step in eval mode): merge them again.
+            self.unmerge()
+            self._merge_or_run_unmerged()
+            if not self.merged:
+                return self._adapted_forward(x)
         result = super().forward(x)  # the merged weight already carries s * ΔW
-        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+        if learning:
             # A merged forward alone gives A and B no gradient, so training in eval mode would
             # silently learn nothing. Add a branch whose value is exactly zero and whose gradient
             # w.r.t. A and B is the unmerged one; x is detached because the input gradient already
@@ -421,6 +480,39 @@ class GPT2Conv1D(LoRALayer, HFConv1D):
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: Instance attributes a LoRA layer adds to its torch layer's (dropped again by ``to_base_layer``).
+_LORA_ATTRIBUTES = (
+    "r", "_lora_alpha", "_use_rslora", "scaling", "merge_weights", "merged", "lora_disabled", "_merged_lora", "_tied_to",
+)  # fmt: skip
+
+
+class _MergeRecord:
+    """What a merge was made with: A and B (their version counters, storage and values) and the scaling.
+
+    The version counters move on every in-place write through autograd-visible tensors (optimizer
+    steps, ``copy_``, ``load_state_dict``), so checking them costs almost nothing per forward; the
+    value copies (the adapter's own size) catch writes through ``.data``, which move no counter.
+    """
+
+    __slots__ = ("key", "lora_A", "lora_B")
+
+    def __init__(self, key: tuple, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        self.key, self.lora_A, self.lora_B = key, lora_A, lora_B
+
+    @staticmethod
+    def _key(layer: LoRALayer) -> tuple:
+        a, b = layer.lora_A, layer.lora_B
+        return (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype, layer.scaling)
+
+    @classmethod
+    def of(cls, layer: LoRALayer) -> "_MergeRecord":
+        return cls(cls._key(layer), layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+
+    def matches(self, layer: LoRALayer, compare_values: bool) -> bool:
+        if self._key(layer) != self.key:
+            return False
+        return not compare_values or (torch.equal(layer.lora_A, self.lora_A) and torch.equal(layer.lora_B, self.lora_B))
 
 #: torch class -> LoRA class that adapts it (exact type match).
 LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {

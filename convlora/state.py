@@ -45,6 +45,32 @@ def scaling_for(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def checked_alpha(value: object, what: str = "alpha") -> float:
+    """``value`` as a float if it is a usable LoRA alpha: a finite real number > 0.
+
+    The one rule for every alpha that reaches a layer (configs, layers, file headers, kohya
+    ``.alpha`` tensors): NaN / inf make every output NaN, 0 switches the module off and a negative
+    alpha inverts it — none of them is a trained adapter.
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def checked_rank(value: object, what: str = "rank") -> int:
+    """``value`` if it is a usable LoRA rank: an integer >= 1 (not a bool).
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def split_lora_key(key: str) -> tuple[str, str]:
     """``"down.0.conv1.lora_A"`` -> ``("down.0.conv1", "lora_A")``."""
     path, _, name = key.rpartition(".")
@@ -85,6 +111,33 @@ def check_state_dict(
             problems.append(f"unexpected key(s) {_short_list(unexpected)}")
     if problems:
         raise StateDictMismatchError(f"{source} does not fit the model: " + " | ".join(problems))
+
+
+def check_adapter_tensors(
+    tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], source: str = "state dict"
+) -> None:
+    """The gate for every tensor entering a model: floating point, and finite in the dtype it will be stored in.
+
+    A float64 value beyond float32's range would become inf when copied into a float32 parameter,
+    and an fp32 value beyond 65504 would in a float16 one, so the check is made after the cast.
+
+    Args:
+        tensors: key -> tensor offered.
+        dtypes: key -> dtype of the parameter it will be copied into (keys missing here are skipped).
+
+    Raises:
+        StateDictMismatchError: integer / bool / complex tensors, named with their dtype.
+        ValueError: tensors holding NaN / inf once cast, named.
+    """
+    wrong_kind = [
+        f"{k} ({str(t.dtype).replace('torch.', '')})"
+        for k, t in tensors.items()
+        if k in dtypes and not (isinstance(t, torch.Tensor) and t.is_floating_point())
+    ]
+    if wrong_kind:
+        raise StateDictMismatchError(f"{source}: adapter tensors must be floating point; not so: {_short_list(sorted(wrong_kind))}")
+    cast = {k: t.to(dtypes[k]) for k, t in tensors.items() if k in dtypes}
+    check_finite(cast, source=f"{source} (cast to the parameters' dtypes)")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str = "state dict") -> None:

@@ -24,11 +24,13 @@ from convlora.formats.weights import (
     uses_rslora,
     weights_from_model,
 )
-from convlora.inject import inject_lora, load_lora_state_dict, lora_layers, lora_state_dict, unload
+from convlora.header import user_metadata
+from convlora.inject import inject_lora, unchanged_on_error
 
 __all__ = [
     "TRAINING_METADATA",
     "build_pipeline_skeleton",
+    "stored_dtypes",
     "inject_pipeline_lora",
     "load_pipeline_lora",
     "save_pipeline_lora",
@@ -154,24 +156,12 @@ def load_pipeline_lora(
             "model was given; pass it, or strict=False to skip it"
         )
     result: dict[str, Any] = {"format": fmt, "metadata": dict(weights.metadata), "unet": [], "text_encoder": []}
-    snapshots = {}  # restore models already loaded if a later one fails
-    try:
+    with unchanged_on_error(*(models[name] for name in parts if models.get(name) is not None)):
         for name, modules in parts.items():
-            model = models.get(name)
-            if model is None:
-                continue
-            snapshots[name] = lora_state_dict(model, bias="none") if lora_layers(model) else None
-            result[name] = load_weights_into_model(
-                model, modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
-            )
-    except Exception:
-        for name, snapshot in snapshots.items():
-            if name in result and result[name]:  # this component was loaded before the failure
-                if snapshot is None:
-                    unload(models[name])
-                else:
-                    load_lora_state_dict(models[name], snapshot, bias="none")
-        raise
+            if models.get(name) is not None:
+                result[name] = load_weights_into_model(
+                    models[name], modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
+                )
     return result
 
 
@@ -212,6 +202,31 @@ def build_pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
     return models
 
 
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtypes(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The dtype each floating tensor of each component is stored in: ``{"unet": {"conv_in.weight": torch.float16, ...}}``.
+
+    Read from the safetensors headers of the component folders (no tensor is loaded); components
+    without safetensors weights are left out.
+    """
+    import torch
+    from safetensors import safe_open
+
+    dtypes: dict[str, dict[str, Any]] = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for file in sorted(sub.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            except Exception as err:  # safetensors raises its own error kinds
+                raise LoRAFormatError(f"{file} is not a readable safetensors file: {err}") from None
+            found = {k: getattr(torch, _SAFETENSORS_DTYPES[v]) for k, v in kinds.items() if v in _SAFETENSORS_DTYPES}
+            dtypes.setdefault(sub.name, {}).update(found)
+    return dtypes
+
+
 def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | None], path) -> dict[str, dict]:
     stray = weights.unprefixed()
     if not stray:
@@ -230,15 +245,4 @@ def _split_by_component(weights: LoRAWeights, models: Mapping[str, nn.Module | N
 
 
 def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    extra = dict(metadata or {})
-    bad = [
-        k
-        for k, v in extra.items()
-        if not isinstance(k, str) or not isinstance(v, str) or k.startswith("convlora_") or k in _RESERVED_METADATA
-    ]
-    if bad:
-        raise ValueError(
-            "metadata must map strings to strings, and 'convlora_*', 'format', 'lora_adapter_metadata' are "
-            f"reserved; offending keys: {bad}"
-        )
-    return extra
+    return user_metadata(metadata, reserved=_RESERVED_METADATA)

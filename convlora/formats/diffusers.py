@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
+from convlora import header as headers
 from convlora.formats.peft import alpha_for, lora_config_kwargs, pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, nested_clip_path
 
@@ -83,15 +84,18 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
         match = _PROCESSOR_KEY.search(key)
         if match:
             target = "to_out.0" if match.group(1) == "to_out" else match.group(1)
-            key = f"{key[: match.start()]}.{target}.lora.{match.group(2)}.weight"
+            new_key = f"{key[: match.start()]}.{target}.lora.{match.group(2)}.weight"
+            if new_key in tensors:
+                raise LoRAFormatError(f"{source}: {key} and {new_key} are the same module's LoRA, twice")
+            key = new_key
         renamed[key] = tensor
-    groups, leftovers = split_lora_keys(renamed, _SUFFIXES)
+    groups, leftovers = split_lora_keys(renamed, _SUFFIXES, source)
     raise_on_leftovers(leftovers, source, " (convlora imports plain LoRA: no DoRA, LoRA bias or LoKr)")
-    configs = _component_configs(header, source)
+    configs = headers.adapter_metadata(header, METADATA_KEY, COMPONENTS, source)
 
     def alpha_of(path: str, rank: int, group) -> float:
         if "alpha" in group:
-            return float(group["alpha"].item())
+            return headers.tensor_alpha(group["alpha"], f"{path}.alpha", source)
         component = next((c for c in COMPONENTS if path.startswith(c + ".")), "")
         name = path[len(component) + 1 :] if component else path
         if component.startswith("text_encoder"):
@@ -106,23 +110,6 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
         raise LoRAFormatError(f"{source}: components disagree on use_rslora; convlora loads one kind per file")
     metadata = {k: v for k, v in header.items() if k not in ("format", METADATA_KEY)}
     return LoRAWeights(modules, use_rslora=rslora == {True}, metadata=metadata)
-
-
-def _component_configs(header: Mapping[str, str], source: str) -> dict[str, dict]:
-    """``lora_adapter_metadata`` split per component: ``{"unet": {"r": ..}, "": {...unprefixed}}``."""
-    raw = header.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise LoRAFormatError(f"{source}: {METADATA_KEY} is not valid JSON ({err})") from None
-    configs: dict[str, dict] = {}
-    for key, value in flat.items():
-        component = next((c for c in COMPONENTS if key.startswith(c + ".")), "")
-        field = key[len(component) + 1 :] if component else key
-        configs.setdefault(component, {})[field] = value
-    return configs
 
 
 def _flat_clip_path(path: str) -> str:

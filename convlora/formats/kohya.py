@@ -28,6 +28,7 @@ import torch
 from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
+from convlora.header import json_entry, tensor_alpha
 
 #: Header keys that describe the tensors (rank, alpha, conv dims); written from the weights.
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
@@ -122,20 +123,26 @@ def kohya_name(component: str, path: str, has_te2: bool = False) -> str:
 def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
     """Neutral weights from a kohya file; paths get a component prefix and restored dots.
 
-    A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). Keys that are
-    not ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa,
-    LoKr, DoRA scales, ...) are named in an error. LDM-named UNet modules are read back with the
-    layout the header records (:data:`UNET_LAYOUT_KEY`); without it they are an error.
+    A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). An alpha of 0
+    (sd-scripts read it as ``alpha = rank``, A1111 / ComfyUI / diffusers as a switched-off module),
+    NaN, inf or a negative alpha, or an ``.alpha`` that is not one number, is refused by name. Keys that are not
+    ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa, LoKr,
+    DoRA scales, ...) are named in an error. LDM-named UNet modules are read back with the layout
+    the header records (:data:`UNET_LAYOUT_KEY`); without it they are an error.
     """
     prefixed = {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)}
     groups, leftovers = split_lora_keys(
-        prefixed, {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+        prefixed, {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}, source
     )
     leftovers += [k for k in tensors if not k.startswith(KOHYA_PREFIXES)]
     raise_on_leftovers(leftovers, source, " (convlora imports plain LoRA / LoCon: no LoHa, LoKr or DoRA)")
-    modules = pair_modules(
-        groups, lambda name, rank, group: float(group["alpha"].item()) if "alpha" in group else float(rank), source
-    )
+
+    def alpha_of(name: str, rank: int, group) -> float:
+        if "alpha" not in group:
+            return float(rank)
+        return tensor_alpha(group["alpha"], f"{name}.alpha", source)
+
+    modules = pair_modules(groups, alpha_of, source)
     if not modules:
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     renamed: dict[str, LoRAModule] = {}
@@ -157,11 +164,11 @@ def unet_layout_of(header: Mapping[str, str], source: str = "file") -> LDMNames 
     Raises:
         LoRAFormatError: the recorded layout is not valid JSON or not a UNet layout.
     """
-    raw = header.get(UNET_LAYOUT_KEY)
-    if raw is None:
+    layout = json_entry(header, UNET_LAYOUT_KEY, source)
+    if layout is None:
         return None
     try:
-        return LDMNames.from_config(json.loads(raw))
+        return LDMNames.from_config(layout)
     except (ValueError, TypeError, AttributeError) as err:
         raise LoRAFormatError(f"{source}: {UNET_LAYOUT_KEY} is not a UNet layout ({err})") from None
 

@@ -17,6 +17,7 @@ import torch
 from convlora.config import LoRAConfig
 from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
+from convlora.header import header_config, module_table
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS
 from convlora.layers import CONV_GEOMETRY_KEYS
 from convlora.state import fingerprint
@@ -30,23 +31,30 @@ def from_native(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], 
             ``modules_to_save``, which only :func:`convlora.load_lora` restores), or modules the
             table does not describe.
     """
-    if "convlora_modules" not in header:
+    table = module_table(header, source)
+    if table is None:
         raise LoRAFormatError(f"{source} has no convlora header")
-    table: dict[str, dict] = json.loads(header["convlora_modules"])
-    groups, leftovers = split_lora_keys(tensors, {".lora_A": "A", ".lora_B": "B"})
+    config = header_config(header, source)
+    default_rslora = bool(config and config.use_rslora)
+    rslora = {entry.get("use_rslora", default_rslora) for entry in table.values()}
+    if len(rslora) > 1:
+        raise LoRAFormatError(
+            f"{source} mixes rsLoRA and plain LoRA modules; other formats hold one kind per file, so only "
+            "convlora.load_lora reads it"
+        )
+    groups, leftovers = split_lora_keys(tensors, {".lora_A": "A", ".lora_B": "B"}, source)
     raise_on_leftovers(
         leftovers, source, " (biases / modules_to_save: load this file with convlora.load_lora, other formats cannot hold them)"
     )
     undescribed = sorted(set(groups) ^ set(table))
     if undescribed:
         raise LoRAFormatError(f"{source}: tensors and the convlora_modules header disagree on: {', '.join(undescribed[:12])}")
-    modules = pair_modules(groups, lambda path, rank, _: float(table[path]["alpha"]), source)
+    modules = pair_modules(groups, lambda path, rank, _: table[path]["alpha"], source)
     for path, module in modules.items():
         geometry = {k: table[path][k] for k in CONV_GEOMETRY_KEYS if k in table[path]}
         module.geometry = geometry or None  # files written before convlora recorded it have none
-    config = LoRAConfig.from_json(header["convlora_config"]) if "convlora_config" in header else None
     metadata = {k: v for k, v in header.items() if k not in RESERVED_KEYS}
-    return LoRAWeights(modules, use_rslora=bool(config and config.use_rslora), metadata=metadata)
+    return LoRAWeights(modules, use_rslora=rslora == {True}, metadata=metadata)
 
 
 def to_native(weights: LoRAWeights, config: LoRAConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

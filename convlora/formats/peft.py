@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from convlora.formats.weights import (
     uses_rslora,
     weights_from_model,
 )
+from convlora.header import peft_config_file, peft_pattern
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
 from convlora.layers import GPT2Conv1D, conv_geometry_record
@@ -70,12 +70,13 @@ def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None) -> float:
     """The alpha PEFT gives module ``path`` under ``config`` (``alpha = rank`` without a config).
 
     Pattern keys are matched as PEFT does: the first key ``k`` with
-    ``re.match(rf"(.*\\.)?({k})$", path)`` wins.
+    ``re.match(rf"(.*\\.)?({k})$", path)`` wins. ``config`` has been checked by
+    :func:`convlora.header.peft_lora_fields` (valid patterns and alphas).
     """
     if not config:
         return float(rank)
     for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if peft_pattern(key, "alpha_pattern key").match(path):
             return float(value)
     return float(config.get("lora_alpha", rank))
 
@@ -83,7 +84,7 @@ def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None) -> float:
 def rank_for(path: str, config: Mapping[str, Any]) -> int | None:
     """The rank PEFT would build for ``path`` (``None`` when the config names no ``r``)."""
     for key, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if peft_pattern(key, "rank_pattern key").match(path):
             return int(value)
     return config.get("r")
 
@@ -147,7 +148,7 @@ def _is_grouped_conv_pair(lora_A: torch.Tensor | None, lora_B: torch.Tensor | No
 
 # ---- tensors <-> neutral weights -----------------------------------------------------------------
 def split_lora_keys(
-    tensors: Mapping[str, Any], suffixes: Mapping[str, str]
+    tensors: Mapping[str, Any], suffixes: Mapping[str, str], source: str = "file"
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Group ``<path><suffix>`` keys by path: ``{path: {"A": tensor, "B": tensor, ...}}``.
 
@@ -156,16 +157,27 @@ def split_lora_keys(
 
     Returns:
         ``(groups, leftover keys that end in none of the suffixes)``.
+
+    Raises:
+        LoRAFormatError: two keys give the same module the same role (``X.lora_A.weight`` and
+            ``X.lora.down.weight``): one of them would be dropped.
     """
     groups: dict[str, dict[str, Any]] = {}
-    leftovers = []
+    origin: dict[tuple[str, str], str] = {}
+    leftovers, twice = [], []
     ordered = sorted(suffixes, key=len, reverse=True)  # longest first: ".lora.down.weight" before ".down.weight"
     for key, tensor in tensors.items():
         suffix = next((s for s in ordered if key.endswith(s)), None)
         if suffix is None:
             leftovers.append(key)
-        else:
-            groups.setdefault(key[: -len(suffix)], {})[suffixes[suffix]] = tensor
+            continue
+        path, role = key[: -len(suffix)], suffixes[suffix]
+        if (path, role) in origin:
+            twice.append(f"{origin[path, role]} and {key}")
+        origin[path, role] = key
+        groups.setdefault(path, {})[role] = tensor
+    if twice:
+        raise LoRAFormatError(f"{source}: the same module's LoRA is in the file twice, in two key styles: {'; '.join(sorted(twice)[:6])}")
     return groups, leftovers
 
 
@@ -178,8 +190,15 @@ def pair_modules(groups: Mapping[str, Mapping[str, Any]], alpha_of, source: str)
     incomplete = sorted(p for p, g in groups.items() if "A" not in g or "B" not in g)
     if incomplete:
         raise LoRAFormatError(f"{source}: module(s) without both LoRA matrices (A/down and B/up): {', '.join(incomplete[:12])}")
+    not_float = sorted(
+        f"{p} ({str(t.dtype).replace('torch.', '')})" for p, g in groups.items() for t in (g["A"], g["B"]) if not t.is_floating_point()
+    )
+    if not_float:
+        raise LoRAFormatError(f"{source}: LoRA matrices must be floating point; not so: {', '.join(not_float[:12])}")
     modules = {}
     for path, group in groups.items():
+        if group["A"].dim() < 2 or group["A"].shape[0] < 1:
+            raise LoRAFormatError(f"{source}: {path} has down/A of shape {tuple(group['A'].shape)}: not a LoRA matrix of rank >= 1")
         rank = int(group["A"].shape[0])
         if group["B"].dim() < 2 or group["B"].shape[1] != rank:
             raise LoRAFormatError(
@@ -219,7 +238,7 @@ def from_peft(
     """Neutral weights from PEFT adapter tensors; alpha from ``config`` (``alpha = rank`` without one)."""
     unprefixed = [k for k in tensors if not k.startswith(KEY_PREFIX)]
     stripped = {k[len(KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(KEY_PREFIX)}
-    groups, leftovers = split_lora_keys(stripped, {".lora_A.weight": "A", ".lora_B.weight": "B"})
+    groups, leftovers = split_lora_keys(stripped, {".lora_A.weight": "A", ".lora_B.weight": "B"}, source)
     raise_on_leftovers(
         unprefixed + [KEY_PREFIX + k for k in leftovers],
         source,
@@ -249,7 +268,7 @@ def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
-    config = json.loads(path.read_text())
+    config = peft_config_file(path)
     if config.get("peft_type", "LORA") != "LORA":
         raise LoRAFormatError(f"{path}: peft_type is {config.get('peft_type')!r}; convlora reads LoRA adapters only")
     unsupported = [k for k in ("use_dora", "lora_bias") if config.get(k)]

@@ -97,7 +97,7 @@ def comfyui_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], u
 
     Args:
         shapes: every key of the file -> its tensor shape.
-        alphas: ``<name>.alpha`` key -> value.
+        alphas: ``<name>.alpha`` key -> value, for the ``.alpha`` tensors that hold one number (the others count as unreadable).
         unet_names: the base's UNet module names (diffusers and LDM), when known; otherwise any
             name of an SD-family UNet module counts as present.
     """
@@ -108,9 +108,11 @@ def comfyui_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], u
         if down is None or not comfyui_maps(stem, unet_names):
             view.skipped.append(stem)
             continue
-        rank = shapes[down][0]
         alpha_key = parts.get(".alpha")
-        view.scales[stem] = alphas[alpha_key] / rank if alpha_key is not None else 1.0
+        if alpha_key is not None and alpha_key not in alphas:  # not one number: the loader cannot read it
+            view.skipped.append(alpha_key)
+            continue
+        view.scales[stem] = alphas[alpha_key] / shapes[down][0] if alpha_key is not None else 1.0
     return view
 
 
@@ -199,6 +201,9 @@ def a1111_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], une
         if target != "":
             view.misplaced[stem] = target
         alpha_key = parts.get("alpha")
+        if alpha_key is not None and alpha_key not in alphas:  # not one number: the loader cannot read it
+            view.skipped.append(alpha_key)
+            continue
         view.scales[stem] = alphas[alpha_key] / shapes[down][0] if alpha_key is not None else 1.0
     return view
 

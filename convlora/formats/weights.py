@@ -27,11 +27,11 @@ from convlora.inject import (
     load_lora_state_dict,
     lora_layers,
     temporarily_unmerged,
-    unload,
+    unchanged_on_error,
 )
-from convlora.io import LoRAFileError
+from convlora.errors import LoRAFileError
 from convlora.layers import LORA_CLASSES, conv_geometry_record
-from convlora.state import StateDictMismatchError, scaling_for
+from convlora.state import StateDictMismatchError
 
 #: Component names a pipeline file may hold, in the order they are written.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -275,12 +275,8 @@ def load_weights_into_model(
         twice = [f"{target} ({' and '.join(ps)})" for target, ps in seen.items() if len(ps) > 1]
         raise LoRAFormatError(f"{source}: several LoRA entries land on the same module: {_short(twice)}")
     layers = lora_layers(model)
-    injected_here = not layers
     eval_paths: list[str] = []
-    if injected_here:
-        eval_paths = _inject_for(model, by_model_path, use_rslora, source)
-        layers = lora_layers(model)
-    else:
+    if layers:
         kinds = {layer.use_rslora for layer in layers.values()}
         if kinds != {use_rslora}:
             raise LoRAFormatError(f"{source} uses rsLoRA={use_rslora}, the model's LoRA layers do not")
@@ -288,17 +284,15 @@ def load_weights_into_model(
     for path, module in by_model_path.items():
         state[f"{path}.lora_A"] = module.lora_A
         state[f"{path}.lora_B"] = module.lora_B
-    try:
+    with unchanged_on_error(model):
+        if not layers:
+            eval_paths = _inject_for(model, by_model_path, use_rslora, source)
+            layers = lora_layers(model)
         loaded = [p for p in by_model_path if p in layers]
         with temporarily_unmerged([layers[p] for p in loaded]):
             load_lora_state_dict(model, state, strict=strict, bias="none", source=source)
-            for p in loaded:
-                layers[p].lora_alpha = float(by_model_path[p].alpha)
-                layers[p].scaling = scaling_for(layers[p].r, layers[p].lora_alpha, layers[p].use_rslora)
-    except Exception:
-        if injected_here:
-            unload(model)
-        raise
+            for p in loaded:  # the layer keeps its scaling from alpha and its rsLoRA flag
+                layers[p].lora_alpha = by_model_path[p].alpha
     for p in eval_paths:
         layers[p].train(False)  # merge-on-eval, once, with the loaded weights
     return loaded
