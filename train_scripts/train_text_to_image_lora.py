@@ -24,6 +24,9 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
   with other LoRA settings is an error.
 * Arguments, the output folder and the resolution are checked before any work; a failure the
   script can name prints one line (``error: ...``) and exits with 1 (2 for an argument).
+* The distributed type that runs is logged, and a config asking for one the run does not get
+  (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which
+  accelerate runs as plain DDP, is sharded by ``convlora.training.distributed`` with ``fully_shard``.
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
@@ -90,6 +93,12 @@ from convlora.training.data import (  # noqa: E402
     read_image_folder,
     sample_seed,
     write_toy_dataset,
+)
+from convlora.training.distributed import (  # noqa: E402
+    check_parallelism,
+    frozen_local_share,
+    full_tensors,
+    prepare_sharding,
 )
 from convlora.training.metadata import training_metadata  # noqa: E402
 from convlora.training.noise import PREDICTION_TYPES, diffusion_loss, draw_step_noise, training_target  # noqa: E402
@@ -715,10 +724,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- 1. setup ------------------------------------------------------------------------------
     accelerator, resume_dir = setup(args)
+    parallel = check_parallelism(accelerator, validating=bool(args.validation_prompt))
+    logger.info(parallel.describe())
 
     # ---- 2. models -----------------------------------------------------------------------------
     models = load_models(args, accelerator)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    prepare_sharding(parallel, accelerator, [unet] + ([text_encoder] if args.train_text_encoder else []))
     params_unet = list(adapter_parameters(unet).values())
     params_te = list(adapter_parameters(text_encoder).values()) if args.train_text_encoder else []
 
@@ -738,7 +750,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
-    if args.train_text_encoder:
+    if parallel.shard_here:  # the models are FSDP2-sharded already; DDP must not wrap them
+        optimizer, train_dataloader = accelerator.prepare(optimizer, train_dataloader)
+    elif args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader = accelerator.prepare(unet, text_encoder, optimizer, train_dataloader)
     else:
         unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
@@ -749,8 +763,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
     if resume_dir is not None:
-        progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                       optimizer, lr_scheduler)
+        with full_tensors(trained_models, optimizer, write_back=True):  # FSDP: load whole tensors, keep this shard
+            progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                           optimizer, lr_scheduler)
         accelerator.print(f"Resumed from {resume_dir} at step {progress['global_step']}")
     global_step = progress["global_step"]
     first_epoch = global_step // steps_per_epoch
@@ -847,15 +862,17 @@ def main(argv: list[str] | None = None) -> dict:
             progress_bar.set_postfix(step=global_step, loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             accelerator.log({"train_loss": step_loss if finite else float("nan"), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                path = save_checkpoint(
-                    args.output_dir, global_step,
-                    lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                                       optimizer, lr_scheduler, progress),
-                    total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)},
-                )
-                checkpoints.append(path)
-                logger.info(f"Saved checkpoint {path}")
+            if global_step % args.checkpointing_steps == 0:
+                with full_tensors(trained_models, optimizer):  # FSDP: every process gathers, the main one writes
+                    if accelerator.is_main_process:
+                        path = save_checkpoint(
+                            args.output_dir, global_step,
+                            lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
+                                                               optimizer, lr_scheduler, progress),
+                            total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)},
+                        )
+                        checkpoints.append(path)
+                        logger.info(f"Saved checkpoint {path}")
             if (args.validation_prompt and accelerator.is_main_process and args.validation_steps
                     and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
                 base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
@@ -874,6 +891,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- 6. save -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     summary = {}
+    gathered = contextlib.ExitStack()
+    gathered.enter_context(full_tensors(trained_models))  # FSDP: every process gathers, the main one writes
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         final_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
@@ -921,6 +940,8 @@ def main(argv: list[str] | None = None) -> dict:
             "max_train_steps": args.max_train_steps,
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
+            "distributed": {"requested": parallel.requested, "running": parallel.running, "sharded": parallel.sharded,
+                            "frozen_local_share": frozen_local_share(trained_models)},
             "dtypes": {"unet": parameter_dtypes(final_unet), "vae": parameter_dtypes(vae),
                        "text_encoder": parameter_dtypes(accelerator.unwrap_model(text_encoder))},
             "concept_scores": scores,
@@ -932,6 +953,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
         print_outputs(args, outputs, summary_path, scores, summary["seconds"])
+    gathered.close()
     accelerator.end_training()
     return summary
 
@@ -972,7 +994,7 @@ def command_line(argv: list[str] | None = None) -> int:
     disk, a diverged loss) prints one line, no traceback, and gives exit code 1."""
     try:
         main(argv)
-    # DataError, CheckpointError, LoRAFileError are ValueErrors; safetensors reports a full disk as a SafetensorError
+    # DataError, CheckpointError, LoRAFileError, DistributedSetupError are ValueErrors; safetensors reports a full disk as a SafetensorError
     except (NonFiniteLossError, ValueError, OSError, SafetensorError) as err:
         for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line first
             bar.close()
