@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,7 +50,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     """Write a safetensors file atomically: a temporary file in the same folder, then a rename.
 
     A crash or an error part-way leaves no file (or the previous file) at ``path``, never half of one.
-    Non-finite tensors are refused before anything is written.
+    Non-finite tensors are refused before anything is written. A failed write (a full disk, which
+    safetensors reports as its own ``SafetensorError``) is an ``OSError`` naming ``path``.
     """
     path = Path(path)
     check_finite(tensors, source=f"tensors for {path}")
@@ -59,7 +60,10 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
+        try:
+            save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
+        except SafetensorError as err:
+            raise OSError(f"could not write {path}: {err}") from err
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode

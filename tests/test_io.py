@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 import convlora
+from convlora.io import write_safetensors
 from convlora.testing import randomize_lora_
 
 
@@ -181,3 +182,10 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_write_safetensors_on_a_full_disk_is_an_oserror_naming_the_file_and_leaves_nothing(full_filesystem):
+    target = full_filesystem / "adapter.safetensors"
+    with pytest.raises(OSError, match=r"could not write .*adapter\.safetensors"):
+        write_safetensors({"a": torch.ones(4096)}, target)
+    assert sorted(p.name for p in full_filesystem.iterdir()) == ["filler"]

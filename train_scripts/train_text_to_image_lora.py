@@ -28,6 +28,9 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
   with other LoRA settings is an error.
 * Arguments, the output folder and the resolution are checked before any work; a failure the
   script can name prints one line (``error: ...``) and exits with 1 (2 for an argument).
+* The distributed type that runs is logged, and a config asking for one the run does not get
+  (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which
+  accelerate runs as plain DDP, is sharded by ``convlora.training.distributed`` with ``fully_shard``.
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
@@ -99,6 +102,12 @@ from convlora.training.data import (  # noqa: E402
     read_image_folder,
     sample_seed,
     write_toy_dataset,
+)
+from convlora.training.distributed import (  # noqa: E402
+    check_parallelism,
+    frozen_local_share,
+    full_tensors,
+    prepare_sharding,
 )
 from convlora.training.metadata import training_metadata  # noqa: E402
 from convlora.training.noise import PREDICTION_TYPES, diffusion_loss, draw_step_noise, training_target  # noqa: E402
@@ -396,6 +405,8 @@ class Run:
     params: list[torch.nn.Parameter]
     steps_per_epoch: int
     total_batch: int
+    parallel: Any
+    """What :func:`convlora.training.distributed.check_parallelism` found (DDP, FSDP2 sharding, ...)."""
     progress: dict = field(default_factory=dict)
     first_epoch: int = 0
     batches_to_skip: int = 0
@@ -670,8 +681,12 @@ def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: 
     return optimizer_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models: Models, dataset, dataloader) -> Run:
-    """Optimizer and LR schedule, the epoch/step arithmetic, and ``accelerator.prepare``."""
+def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models: Models, dataset, dataloader, parallel) -> Run:
+    """FSDP2 sharding where it runs, optimizer and LR schedule, the epoch/step arithmetic, and
+    ``accelerator.prepare`` (not of models already sharded: DDP must not wrap them)."""
+    logger.info(parallel.describe())
+    trained = [models.text_encoders[name] for name in models.trained_encoders]
+    prepare_sharding(parallel, accelerator, [models.unet, *trained])
     optimizer = build_optimizer(args, accelerator, models)
     sampler = dataloader.batch_sampler if isinstance(dataloader.batch_sampler, BucketBatchSampler) else dataloader.sampler
     if isinstance(sampler, BucketBatchSampler):
@@ -688,14 +703,17 @@ def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models:
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
-    trained = [models.text_encoders[name] for name in models.trained_encoders]
-    unet, *trained, optimizer, dataloader = accelerator.prepare(models.unet, *trained, optimizer, dataloader)
+    if parallel.shard_here:
+        unet = models.unet
+        optimizer, dataloader = accelerator.prepare(optimizer, dataloader)
+    else:
+        unet, *trained, optimizer, dataloader = accelerator.prepare(models.unet, *trained, optimizer, dataloader)
     if len(dataloader) != batches_per_epoch:
         raise RuntimeError(f"expected {batches_per_epoch} batches per epoch per process, accelerate gives {len(dataloader)}")
     text_encoders = {**models.text_encoders, **dict(zip(models.trained_encoders, trained))}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    return Run(unet, text_encoders, optimizer, lr_scheduler, dataloader, params, steps_per_epoch, total_batch)
+    return Run(unet, text_encoders, optimizer, lr_scheduler, dataloader, params, steps_per_epoch, total_batch, parallel)
 
 
 def resume_or_start(args: argparse.Namespace, accelerator: Accelerator, models: Models, run: Run, resume_dir: Path | None) -> None:
@@ -703,7 +721,8 @@ def resume_or_start(args: argparse.Namespace, accelerator: Accelerator, models: 
     epoch and the batches of it to skip, and the trackers."""
     run.progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
     if resume_dir is not None:
-        run.progress = load_training_state(resume_dir, accelerator, models, run)
+        with full_tensors(run.trained_models(models), run.optimizer, write_back=True):  # FSDP: load whole tensors, keep this shard
+            run.progress = load_training_state(resume_dir, accelerator, models, run)
         accelerator.print(f"Resumed from {resume_dir} at step {run.global_step}")
     run.first_epoch = run.epoch = run.global_step // run.steps_per_epoch
     run.batches_to_skip = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
@@ -876,14 +895,16 @@ def record_step(args, accelerator: Accelerator, run: Run, losses: torch.Tensor, 
 
 
 def maybe_checkpoint(args, accelerator: Accelerator, models: Models, run: Run) -> None:
-    """Every --checkpointing_steps, from the main process: an atomic, rotated checkpoint."""
-    if run.global_step % args.checkpointing_steps or not accelerator.is_main_process:
+    """Every --checkpointing_steps: an atomic, rotated checkpoint, written by the main process."""
+    if run.global_step % args.checkpointing_steps:
         return
-    path = save_checkpoint(args.output_dir, run.global_step,
-                           lambda folder: save_training_state(folder, accelerator, models, run),
-                           total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)})
-    run.checkpoints.append(path)
-    logger.info(f"Saved checkpoint {path}")
+    with full_tensors(run.trained_models(models), run.optimizer):  # FSDP: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            path = save_checkpoint(args.output_dir, run.global_step,
+                                   lambda folder: save_training_state(folder, accelerator, models, run),
+                                   total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)})
+            run.checkpoints.append(path)
+            logger.info(f"Saved checkpoint {path}")
 
 
 def maybe_validate(args, accelerator: Accelerator, models: Models, run: Run, final: bool = False) -> None:
@@ -905,6 +926,8 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
     the list of outputs. Returns the summary (empty in other processes)."""
     accelerator.wait_for_everyone()
     summary = {}
+    gathered = contextlib.ExitStack()
+    gathered.enter_context(full_tensors(run.trained_models(models)))  # FSDP: every process gathers, the main one writes
     if accelerator.is_main_process:
         final = {name: accelerator.unwrap_model(model) for name, model in trained_by_name(models, run).items()}
         metadata = file_metadata(args, accelerator, models, run)
@@ -927,6 +950,8 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
             "family": models.family.name,
+            "distributed": {"requested": run.parallel.requested, "running": run.parallel.running, "sharded": run.parallel.sharded,
+                            "frozen_local_share": frozen_local_share(run.trained_models(models))},
             "dtypes": {"unet": parameter_dtypes(final["unet"]), "vae": parameter_dtypes(models.vae),
                        **{name: parameter_dtypes(accelerator.unwrap_model(model)) for name, model in run.text_encoders.items()}},
             "concept_scores": run.scores,
@@ -938,6 +963,7 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
         }
         summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
         print_outputs(args, run.outputs, summary_path, run.scores, summary["seconds"])
+    gathered.close()
     accelerator.end_training()
     return summary
 
@@ -1090,9 +1116,11 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = parse_args(argv)
     accelerator, resume_dir = setup(args)                                   # 1. setup
+    parallel = check_parallelism(accelerator, validating=bool(args.validation_prompt))
     models = load_models(args, accelerator)                                 # 2. models (+ LoRA)
     dataset, dataloader = build_data(args, accelerator, models)             # 3. data
-    run = prepare_training(args, accelerator, models, dataset, dataloader)  # 4. optimizer, schedule,
+    run = prepare_training(args, accelerator, models, dataset, dataloader,  # 4. optimizer, schedule,
+                           parallel)
     resume_or_start(args, accelerator, models, run, resume_dir)             #    prepare, resume
     train_loop(args, accelerator, models, run)                              # 5. train loop
     return write_outputs(args, accelerator, models, run, started)           # 6. save
@@ -1134,7 +1162,7 @@ def command_line(argv: list[str] | None = None) -> int:
     disk, a diverged loss) prints one line, no traceback, and gives exit code 1."""
     try:
         main(argv)
-    # DataError, CheckpointError, LoRAFileError are ValueErrors; safetensors reports a full disk as a SafetensorError
+    # DataError, CheckpointError, LoRAFileError, DistributedSetupError are ValueErrors; safetensors reports a full disk as a SafetensorError
     except (NonFiniteLossError, ValueError, OSError, SafetensorError) as err:
         for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bar's line first
             bar.close()

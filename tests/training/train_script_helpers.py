@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,14 +47,17 @@ def script_args(base: Path, data: Path, out: Path, **overrides) -> list[str]:
 
 def launch(args: list[str], num_processes: int = 1, config: Path = CONFIG, faults: dict | None = None,
            timeout: float = 600, env: dict | None = None, new_session: bool = False, wait: bool = True,
-           log: Path | None = None):
+           log: Path | None = None, launcher_args: list[str] | None = None):
     """Run the training script with ``accelerate launch`` (``--multi_gpu --num_processes N`` for N > 1).
 
     ``faults`` runs it through ``run_with_faults.py``, which patches one library function
-    (see that file) before executing the unchanged script.
+    (see that file) before executing the unchanged script. ``launcher_args`` replace the
+    process-count flags (e.g. the multi-machine ones); ``num_processes`` is then ignored.
     """
     cmd = [str(ACCELERATE), "launch", "--config_file", str(config)]
-    if num_processes > 1:
+    if launcher_args is not None:
+        cmd += launcher_args
+    elif num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         cmd += ["--num_processes", "1"]
@@ -69,6 +73,13 @@ def launch(args: list[str], num_processes: int = 1, config: Path = CONFIG, fault
         with open(log, "w") as fh:
             return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=new_session)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a launcher's --main_process_port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def summary(out: Path) -> dict:
