@@ -56,14 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     convert.add_argument("--to", required=True, choices=("diffusers", "kohya", "native", "peft"), help="output format")
     convert.add_argument(
-        "--component", choices=("unet", "text_encoder"),
+        "--component", choices=("unet", "text_encoder", "text_encoder_2"),
         help="single-model input -> diffusers/kohya: which pipeline component it adapts; pipeline input -> peft: which component to keep",
     )  # fmt: skip
     convert.add_argument(
-        "--kohya-names", choices=("diffusers", "ldm"), default="diffusers",
-        help="--to kohya: UNet modules by their diffusers paths (default; diffusers, A1111 on SD-1.x layouts, ComfyUI) "
-        "or by their LDM names in the --base pipeline's layout (A1111 and ComfyUI on any layout; not diffusers' "
-        "StableDiffusionPipeline)",
+        "--kohya-names", choices=("diffusers", "ldm"), default=None,
+        help="--to kohya: UNet modules by their diffusers paths (default for SD-1.x files; diffusers, A1111 on SD-1.x "
+        "layouts, ComfyUI) or by their LDM names in the --base pipeline's layout (A1111 and ComfyUI on any layout; not "
+        "diffusers' StableDiffusionPipeline). SDXL files get LDM names by default, as kohya writes them (SDXL's layout "
+        "unless --base)",
     )  # fmt: skip
     convert.add_argument("--base", help="--kohya-names ldm: the diffusers pipeline folder whose unet/config.json gives the layout")
 
@@ -129,9 +130,11 @@ def _inspect_pipeline(folder: Path, args: argparse.Namespace) -> int:
     from convlora.diffusion.pipeline import build_pipeline_skeleton
     from convlora.diffusion.presets import UNET_CONV_IN_OUT
 
+    from convlora.diffusion.families import detect_family
+
     models = build_pipeline_skeleton(folder)
     conv_rank = args.conv_rank
-    print(f"pipeline: {folder}")
+    print(f"pipeline: {folder} ({detect_family(folder).pipeline_class_name})")
     if "unet" in models:
         unet = models["unet"]
         presets = [args.preset] if args.preset else list(UNET_PRESETS)
@@ -143,13 +146,16 @@ def _inspect_pipeline(folder: Path, args: argparse.Namespace) -> int:
             )
             kinds = UNET_PRESETS[preset] + (UNET_CONV_IN_OUT if args.include_conv_in_out else ())
             _print_preset(f"unet preset {preset!r}", unet, config, kinds, per_module=bool(args.preset))
-    if "text_encoder" in models:
-        te = models["text_encoder"]
+    for name in ("text_encoder", "text_encoder_2"):
+        if name not in models:
+            continue
+        te = models[name]
         presets = [args.text_encoder_preset] if args.text_encoder_preset else list(TEXT_ENCODER_PRESETS)
-        print(f"text_encoder: {type(te).__name__}, {_count(te):,} parameters; rank {args.rank}")
+        print(f"{name}: {type(te).__name__}, {_count(te):,} parameters; rank {args.rank}")
         for preset in presets:
             config = text_encoder_lora_config(preset, rank=args.rank)
-            _print_preset(f"text-encoder preset {preset!r}", te, config, TEXT_ENCODER_PRESETS[preset], per_module=bool(args.text_encoder_preset))
+            _print_preset(f"{name.replace('_', '-')} preset {preset!r}", te, config, TEXT_ENCODER_PRESETS[preset],
+                          per_module=bool(args.text_encoder_preset))
     return 0
 
 
@@ -233,7 +239,8 @@ def _convert(args: argparse.Namespace) -> int:
         if args.to != "kohya" or not args.base:
             raise ValueError("--kohya-names ldm needs --to kohya and --base PIPELINE_DIR (the UNet layout the names number)")
         ldm_names = _ldm_names_of(Path(args.base))
-    src_fmt, written = convert_lora_file(args.src, args.dst, args.to, component=args.component, ldm_names=ldm_names)
+    src_fmt, written = convert_lora_file(args.src, args.dst, args.to, component=args.component, ldm_names=ldm_names,
+                                         diffusers_names=args.kohya_names == "diffusers")
     print(f"{args.src} ({src_fmt}) -> {written} ({args.to})")
     return 0
 
@@ -282,14 +289,16 @@ def _merge(args: argparse.Namespace) -> int:
     dtypes = stored_dtypes(source)
     _quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(source)  # float32, so the merge math is float32
-    text_encoder = getattr(pipe, "text_encoder", None)
-    info = load_pipeline_lora(args.lora, unet=pipe.unet, text_encoder=text_encoder)
-    for name in ("unet", "text_encoder"):
+    names = ("unet", "text_encoder", "text_encoder_2")
+    info = load_pipeline_lora(args.lora, **{name: getattr(pipe, name, None) for name in names})
+    for name in names:
         if info[name]:
             convlora.merge_and_unload(getattr(pipe, name))
     _cast_to_stored_dtypes(pipe, dtypes, info)
     replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
-    print(f"merged {len(info['unet'])} unet and {len(info['text_encoder'])} text-encoder modules ({info['format']}) -> {args.out}")
+    n_te, n_te2 = len(info["text_encoder"]) + len(info["text_encoder_2"]), len(info["text_encoder_2"])
+    second = f" ({n_te2} of them in text_encoder_2)" if n_te2 else ""
+    print(f"merged {len(info['unet'])} unet and {n_te} text-encoder modules{second} ({info['format']}) -> {args.out}")
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a LoRA (attention + conv) for a Stable-Diffusion-1.x-style pipeline with accelerate.
+"""Train a LoRA (attention + conv) for a Stable Diffusion 1.x/2.x or SDXL pipeline with accelerate.
 
     accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py \\
         --pretrained_model_name_or_path PIPELINE_DIR_OR_HUB_ID --train_data_dir IMAGES_DIR \\
@@ -14,6 +14,10 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
 ``help=`` below is the documentation. What differs from that script, and why:
 
 * LoRA goes into convolutions too (``--unet_preset full``, ``--conv_rank``), via convlora.
+* One script for both families: an SDXL pipeline (its ``model_index.json``, or a UNet with
+  ``addition_embed_type == "text_time"``) is conditioned on both text encoders and on each image's
+  own size and crop (``convlora.diffusion.families``), and ``--train_text_encoder`` trains both.
+* Aspect-ratio bucketing (``--enable_bucket``, kohya's semantics), deterministic like the rest.
 * The choice of precision is read from ``accelerator.mixed_precision`` (so the accelerate config
   alone can set it); the frozen weights are cast to it, the LoRA weights stay float32.
 * Every random draw of a sample (crop, flip, caption dropout, noise, timestep) is seeded by
@@ -30,13 +34,15 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
-The steps of ``main()``: 1 setup, 2 models, 3 data, 4 optimizer (+ resume), 5 train loop, 6 save.
+The steps of ``main()``: 1 setup, 2 models, 3 data, 4 optimizer, prepare and resume, 5 train loop,
+6 save.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +51,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +70,14 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
 
 from convlora import adapter_parameters, disable_lora, inject_lora, load_lora, mark_only_lora_as_trainable, save_lora  # noqa: E402
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
+from convlora.diffusion.families import Family, detect_family, family_from_configs  # noqa: E402
+from convlora.training.buckets import BucketBatchSampler, bucket_resolutions, check_bucket_args, select_bucket  # noqa: E402
 from convlora.training.checkpoints import (  # noqa: E402
     CheckpointError,
     check_adapter_unchanged,
@@ -84,11 +92,12 @@ from convlora.training.checkpoints import (  # noqa: E402
 )
 from convlora.training.data import (  # noqa: E402
     EpochShuffleSampler,
+    ListSource,
     TextImageDataset,
     cache_latents,
-    clip_tokenize,
     collate,
     epoch_loader,
+    image_size,
     load_hf_source,
     read_image_folder,
     sample_seed,
@@ -169,10 +178,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="SD-1.x-style pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or hub id. "
+                   help="SD-1.x/2.x or SDXL pipeline folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/, "
+                        "scheduler/) or hub id. "
                         "Omitted: the embedded tiny base in examples/tiny-sd-fashion.")
     g.add_argument("--revision", type=str, default=None, help="Revision of a hub model.")
     g.add_argument("--variant", type=str, default=None, help="Weight file variant of the pipeline, e.g. 'fp16'.")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                   help="A VAE folder or hub id to use instead of the pipeline's (e.g. an SDXL VAE fixed for fp16). "
+                        "Without it an SDXL VAE stays float32 under fp16/bf16, where it would overflow.")
     g.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                    help="What the UNet learns to predict. Omitted: the scheduler config's prediction_type.")
 
@@ -185,10 +198,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--conv_rank", type=int, default=None, help="Rank of the 3x3 convs ('full' preset; kohya's conv_dim). Omitted: --rank.")
     g.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the 3x3 convs. Omitted: --conv_rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
-    g.add_argument("--train_text_encoder", action="store_true", help="Also train a LoRA on the text encoder.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also train a LoRA on the text encoder (SDXL: on both text encoders).")
     g.add_argument("--text_encoder_preset", type=str, default="attn", choices=["attn", "attn-mlp"],
                    help="Text-encoder layers that get LoRA (with --train_text_encoder).")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of the text-encoder LoRA. Omitted: --learning_rate.")
+    g.add_argument("--text_encoder_2_preset", type=str, default=None, choices=["attn", "attn-mlp"],
+                   help="SDXL: the preset of the second text encoder. Omitted: --text_encoder_preset.")
+    g.add_argument("--text_encoder_2_lr", type=float, default=None,
+                   help="SDXL: learning rate of the second text encoder's LoRA. Omitted: --text_encoder_lr.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None,
@@ -208,7 +226,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="Probability of training a sample with the empty caption (kohya's caption_dropout_rate).")
     g.add_argument("--cache_latents", action="store_true",
-                   help="Encode every image with the VAE once before training (needs --center_crop or square images).")
+                   help="Encode every image with the VAE once before training (needs --center_crop, or images whose "
+                        "resize fills their square or bucket exactly).")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="Aspect-ratio bucketing (kohya's): each image is resized and cropped into the bucket of about "
+                        "--resolution^2 pixels nearest its aspect ratio; every batch comes from one bucket.")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side in pixels (with --enable_bucket).")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side in pixels (with --enable_bucket).")
+    g.add_argument("--bucket_reso_steps", type=int, default=64,
+                   help="Bucket sides are multiples of this (with --enable_bucket; 64 as kohya, at least the VAE factor x 8 "
+                        "for real SD/SDXL).")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
@@ -304,7 +331,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm", "adam_weight_decay",
         "validation_guidance_scale")),
     "> 0": (lambda v: 0 < v < math.inf, (
-        "learning_rate", "text_encoder_lr", "lora_alpha", "conv_alpha", "snr_gamma", "adam_epsilon", "lr_power")),
+        "learning_rate", "text_encoder_lr", "text_encoder_2_lr", "lora_alpha", "conv_alpha", "snr_gamma", "adam_epsilon", "lr_power")),
     "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout", "adam_beta1", "adam_beta2")),
     "in [0, 1]": (lambda v: 0 <= v <= 1, ("caption_dropout",)),
 }
@@ -323,6 +350,11 @@ def argument_problem(args: argparse.Namespace) -> str | None:
                          conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
     except ValueError as err:
         return f"--unet_preset {args.unet_preset}: {err}"
+    if args.enable_bucket:
+        try:
+            check_bucket_args(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+        except ValueError as err:
+            return str(err)
     return None
 
 
@@ -338,6 +370,8 @@ def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["--conv_rank"], settings["--conv_alpha"] = config.rank_and_alpha("conv", is_spatial_conv=True)
     if args.train_text_encoder:
         settings["--text_encoder_preset"] = args.text_encoder_preset
+        if args.text_encoder_2_preset is not None:  # SDXL's second encoder, when it has its own
+            settings["--text_encoder_2_preset"] = args.text_encoder_2_preset
     return settings
 
 
@@ -345,13 +379,51 @@ def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
 class Models:
     """The pipeline's parts, as step 2 leaves them."""
 
+    family: Family
     noise_scheduler: DDPMScheduler
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    tokenizers: dict[str, CLIPTokenizer]
+    text_encoders: dict[str, torch.nn.Module]
+    """Every text encoder of the family by pipeline name (``text_encoder``, ``text_encoder_2``)."""
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     weight_dtype: torch.dtype
     prediction_type: str
+    trained_encoders: tuple[str, ...]
+    """The text encoders that carry LoRA (all of them with --train_text_encoder, else none)."""
+
+
+@dataclass
+class Run:
+    """What steps 4-6 share: the prepared models, optimizer and loader, and the progress so far."""
+
+    unet: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]
+    """As in :class:`Models`, the trained ones replaced by their prepared (DDP-wrapped) versions."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    dataloader: Any
+    params: list[torch.nn.Parameter]
+    steps_per_epoch: int
+    total_batch: int
+    parallel: Any
+    """What :func:`convlora.training.distributed.check_parallelism` found (DDP, FSDP2 sharding, ...)."""
+    progress: dict = field(default_factory=dict)
+    first_epoch: int = 0
+    batches_to_skip: int = 0
+    epoch: int = 0
+    consecutive_nonfinite: int = 0
+    checkpoints: list[Path] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    base_rows: list | None = None
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def global_step(self) -> int:
+        return self.progress["global_step"]
+
+    def trained_models(self, models: Models) -> list[torch.nn.Module]:
+        """The prepared models that carry LoRA: the UNet, then the trained text encoders."""
+        return [self.unet] + [self.text_encoders[name] for name in models.trained_encoders]
 
 
 # ==== 1. setup ===================================================================================
@@ -451,31 +523,70 @@ def prepare_embedded_default(args: argparse.Namespace, is_main: bool) -> None:
             args.train_data_dir = str(stand_in)
             logger.warning(f"{EMBEDDED_DATA} not found: using {stand_in} (generated discs captioned {EMBEDDED_CONCEPT!r})")
 
-
 # ==== 2. models ==================================================================================
 
 
 def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
-    """Load the pipeline parts, freeze them, add LoRA, and cast: frozen weights to the mixed-precision
-    dtype, LoRA parameters to float32."""
+    """Load the pipeline parts of its family, freeze them, add LoRA, and cast: frozen weights to the
+    mixed-precision dtype (the VAE of SDXL stays float32), LoRA parameters to float32."""
     path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    family = pipeline_family(args)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
     weights = {**common, "variant": args.variant, "torch_dtype": torch.float32}
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(path, subfolder=name, **common) for name in family.tokenizers}
+    text_encoders = {
+        name: getattr(transformers, cls).from_pretrained(path, subfolder=name, **weights)
+        for name, cls in zip(family.text_encoders, family.text_encoder_classes)
+    }
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **weights)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    prediction_type = noise_scheduler.config.prediction_type
-
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders.values()):
         model.requires_grad_(False)
-    vae.eval()
-    text_encoder.eval()
+        model.eval()
+    trained = family.text_encoders if args.train_text_encoder else ()
+    adapted = add_lora(args, family, unet, {name: text_encoders[name] for name in trained})
 
-    # The LoRA A matrices are initialised from the global RNG: the same seed gives the same start
-    # in every process and in a one-process run.
+    # Frozen weights in the accelerator's dtype (read from accelerate: the config file may set it),
+    # LoRA parameters in float32, so the optimizer and the fp16 grad scaler work on float32.
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    vae_dtype = torch.float32 if family.vae_needs_fp32 and not args.pretrained_vae_model_name_or_path else weight_dtype
+    cast_for_training(vae, vae_dtype, accelerator.device)
+    for model in (unet, *text_encoders.values()):
+        cast_for_training(model, weight_dtype, accelerator.device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name in trained:
+            text_encoders[name].gradient_checkpointing_enable()
+    n_lora = sum(p.numel() for model in (unet, *(text_encoders[name] for name in trained))
+                 for p in adapter_parameters(model).values())
+    logger.info(f"{family.pipeline_class_name}: LoRA on {len(adapted)} modules ({args.unet_preset} preset"
+                f"{', text encoders ' + ' + '.join(trained) if trained else ''}), {n_lora:,} trainable parameters; "
+                f"frozen weights {weight_dtype} (VAE {vae_dtype}), LoRA {adapter_dtypes(unet)}")
+    return Models(family, noise_scheduler, tokenizers, text_encoders, vae, unet, weight_dtype,
+                  noise_scheduler.config.prediction_type, tuple(trained))
+
+
+def pipeline_family(args: argparse.Namespace) -> Family:
+    """SD or SDXL, from the pipeline's model_index.json / unet config (a local folder or the hub)."""
+    path = Path(args.pretrained_model_name_or_path)
+    if path.is_dir():
+        return detect_family(path)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    return family_from_configs(None, UNet2DConditionModel.load_config(str(path), subfolder="unet", **common))
+
+
+def add_lora(args: argparse.Namespace, family: Family, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> list[str]:
+    """Inject LoRA into the UNet and the given text encoders (not into layers whose output the
+    family never uses) and make only it trainable; returns the paths.
+
+    The LoRA A matrices are initialised from the global RNG: the same seed gives the same start in
+    every process and in a one-process run.
+    """
     torch.manual_seed(sample_seed(args.seed, "lora-init"))
     unet_config = unet_lora_config(
         args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
@@ -483,82 +594,77 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     )
     adapted = inject_lora(unet, unet_config)
     mark_only_lora_as_trainable(unet)
-    if args.train_text_encoder:
-        te_config = text_encoder_lora_config(args.text_encoder_preset, rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
-        adapted += inject_lora(text_encoder, te_config)
-        mark_only_lora_as_trainable(text_encoder)
-        text_encoder.train()
     unet.train()
-
-    # Frozen weights in the accelerator's dtype (read from accelerate: the config file may set it),
-    # LoRA parameters in float32, so the optimizer and the fp16 grad scaler work on float32.
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    for model in (unet, vae, text_encoder):
-        cast_for_training(model, weight_dtype, accelerator.device)
-
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    n_lora = sum(p.numel() for p in trainable_parameters(unet, text_encoder if args.train_text_encoder else None))
-    logger.info(f"LoRA on {len(adapted)} modules ({args.unet_preset} preset), {n_lora:,} trainable parameters; "
-                f"frozen weights {weight_dtype}, LoRA {adapter_dtypes(unet)}")
-    return Models(noise_scheduler, tokenizer, text_encoder, vae, unet, weight_dtype, prediction_type)
+    for name, encoder in text_encoders.items():
+        config = text_encoder_lora_config(encoder_setting(args, name, "preset"), rank=args.rank, alpha=args.lora_alpha,
+                                          dropout=args.lora_dropout)
+        config = dataclasses.replace(config, exclude_modules=family.unused_layers(name, encoder))
+        adapted += [f"{name}.{p}" for p in inject_lora(encoder, config)]
+        mark_only_lora_as_trainable(encoder)
+        encoder.train()
+    return adapted
 
 
-def trainable_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> list[torch.nn.Parameter]:
-    params = list(adapter_parameters(unet).values())
-    if text_encoder is not None:
-        params += list(adapter_parameters(text_encoder).values())
-    return params
+def encoder_setting(args: argparse.Namespace, encoder: str, what: str) -> Any:
+    """``--text_encoder_preset`` / ``--text_encoder_lr`` for ``text_encoder``; for ``text_encoder_2``
+    its own ``--text_encoder_2_*`` value, falling back to the first encoder's."""
+    first = getattr(args, f"text_encoder_{what}")
+    if encoder == "text_encoder_2" and getattr(args, f"text_encoder_2_{what}") is not None:
+        return getattr(args, f"text_encoder_2_{what}")
+    return first
 
 
 # ==== 3. data ====================================================================================
 
 
 def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> tuple[TextImageDataset, torch.utils.data.DataLoader]:
-    """The dataset (deterministic per seed, epoch and index) and its dataloader (not yet prepared)."""
+    """The dataset (deterministic per seed, epoch and index) and its dataloader (not yet prepared):
+    square crops shuffled per epoch, or with --enable_bucket aspect-ratio buckets drawn per bucket."""
     if args.dataset_name is not None:
         source = load_hf_source(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
                                 data_dir=args.train_data_dir, cache_dir=args.cache_dir)
     else:
         source = read_image_folder(args.train_data_dir, caption_column=args.caption_column)
     if args.max_train_samples is not None:
-        from convlora.training.data import ListSource
-
         source = ListSource([source[i] for i in range(min(args.max_train_samples, len(source)))], source.description)
+    target_sizes = None
+    if args.enable_bucket:
+        buckets = bucket_resolutions(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
+        target_sizes = [select_bucket(*image_size(source[i]), buckets) for i in range(len(source))]
+        used = sorted(set(target_sizes))
+        logger.info(f"{len(used)} of {len(buckets)} buckets used: " +
+                    ", ".join(f"{w}x{h}: {target_sizes.count((w, h))}" for w, h in used))
     dataset = TextImageDataset(
-        source, clip_tokenize(models.tokenizer), args.resolution, center_crop=args.center_crop,
-        random_flip=args.random_flip, caption_dropout=args.caption_dropout, seed=args.seed,
+        source, models.family.tokenize(models.tokenizers), args.resolution, center_crop=args.center_crop,
+        random_flip=args.random_flip, caption_dropout=args.caption_dropout, seed=args.seed, target_sizes=target_sizes,
     )
     if args.cache_latents:
         vae = models.vae
 
         def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            dist = vae.encode(pixels.to(accelerator.device, dtype=models.weight_dtype)).latent_dist
+            dist = vae.encode(pixels.to(accelerator.device, dtype=vae.dtype)).latent_dist
             return dist.mean, dist.std
 
         bar = tqdm(total=len(dataset), desc="Caching latents", disable=not accelerator.is_local_main_process)
         dataset.use_cached_latents(cache_latents(dataset, encode, batch_size=args.train_batch_size, progress=bar.update))
         bar.close()
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        sampler=EpochShuffleSampler(len(dataset), seed=args.seed),
-        batch_size=args.train_batch_size,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-    )
+    common = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
+    if target_sizes is None:
+        sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
+        dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.train_batch_size, **common)
+    else:
+        sampler = BucketBatchSampler(target_sizes, args.train_batch_size, accelerator.num_processes, seed=args.seed)
+        dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
     return dataset, dataloader
 
 
-# ==== 4. optimizer, schedule, resume =============================================================
+# ==== 4. optimizer, schedule, prepare, resume ====================================================
 
 
-def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: Models, params_unet, params_te):
-    """AdamW (or 8-bit AdamW) over the LoRA parameters only, with the text encoder's own learning rate."""
+def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: Models) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) over the LoRA parameters only: one group for the UNet, one per trained
+    text encoder with its own learning rate."""
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
-    lr = args.learning_rate * scale
-    te_lr = (args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate) * scale
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -567,10 +673,66 @@ def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: 
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    groups = [{"params": params_unet, "lr": lr}]
-    if params_te:
-        groups.append({"params": params_te, "lr": te_lr})
+    groups = [{"params": list(adapter_parameters(models.unet).values()), "lr": args.learning_rate * scale}]
+    for name in models.trained_encoders:
+        lr = encoder_setting(args, name, "lr")
+        groups.append({"params": list(adapter_parameters(models.text_encoders[name]).values()),
+                       "lr": (lr if lr is not None else args.learning_rate) * scale})
     return optimizer_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def prepare_training(args: argparse.Namespace, accelerator: Accelerator, models: Models, dataset, dataloader, parallel) -> Run:
+    """FSDP2 sharding where it runs, optimizer and LR schedule, the epoch/step arithmetic, and
+    ``accelerator.prepare`` (not of models already sharded: DDP must not wrap them)."""
+    logger.info(parallel.describe())
+    trained = [models.text_encoders[name] for name in models.trained_encoders]
+    prepare_sharding(parallel, accelerator, [models.unet, *trained])
+    optimizer = build_optimizer(args, accelerator, models)
+    sampler = dataloader.batch_sampler if isinstance(dataloader.batch_sampler, BucketBatchSampler) else dataloader.sampler
+    if isinstance(sampler, BucketBatchSampler):
+        batches_per_epoch = len(sampler) // accelerator.num_processes
+    else:
+        batches_per_epoch = math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # Stepped by this script once per optimizer step (not by accelerate once per process), so
+    # the schedule is the same for any number of processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    if parallel.shard_here:
+        unet = models.unet
+        optimizer, dataloader = accelerator.prepare(optimizer, dataloader)
+    else:
+        unet, *trained, optimizer, dataloader = accelerator.prepare(models.unet, *trained, optimizer, dataloader)
+    if len(dataloader) != batches_per_epoch:
+        raise RuntimeError(f"expected {batches_per_epoch} batches per epoch per process, accelerate gives {len(dataloader)}")
+    text_encoders = {**models.text_encoders, **dict(zip(models.trained_encoders, trained))}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    return Run(unet, text_encoders, optimizer, lr_scheduler, dataloader, params, steps_per_epoch, total_batch, parallel)
+
+
+def resume_or_start(args: argparse.Namespace, accelerator: Accelerator, models: Models, run: Run, resume_dir: Path | None) -> None:
+    """Fresh progress, or the checkpoint's LoRA weights, optimizer, schedule and progress; then the
+    epoch and the batches of it to skip, and the trackers."""
+    run.progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
+    if resume_dir is not None:
+        with full_tensors(run.trained_models(models), run.optimizer, write_back=True):  # FSDP: load whole tensors, keep this shard
+            run.progress = load_training_state(resume_dir, accelerator, models, run)
+        accelerator.print(f"Resumed from {resume_dir} at step {run.global_step}")
+    run.first_epoch = run.epoch = run.global_step // run.steps_per_epoch
+    run.batches_to_skip = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        accelerator.init_trackers("text2image-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                              for k, v in vars(args).items()})
+    logger.info(f"***** Training: {len(run.dataloader.dataset)} images, {args.max_train_steps} steps ({args.num_train_epochs} epochs), "
+                f"batch {args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation = {run.total_batch}, mixed precision "
+                f"{accelerator.mixed_precision}, seed {args.seed} *****")
 
 
 #: The files of a checkpoint that :func:`load_training_state` reads (besides the optional text-encoder
@@ -578,58 +740,289 @@ def build_optimizer(args: argparse.Namespace, accelerator: Accelerator, models: 
 CHECKPOINT_FILES = ("unet_lora.safetensors", "optimizer.json", "lr_scheduler.json", "progress.json")
 
 
-def save_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler, progress: dict) -> None:
-    """Everything a resumed run needs, without pickles: LoRA weights (convlora files), optimizer and
-    scheduler state (safetensors + JSON), progress (step, epoch, losses, seed)."""
-    save_lora(accelerator.unwrap_model(unet), folder / "unet_lora.safetensors")
-    if text_encoder is not None:
-        save_lora(accelerator.unwrap_model(text_encoder), folder / "text_encoder_lora.safetensors")
-    write_state(folder, "optimizer", optimizer.state_dict())
-    write_state(folder, "lr_scheduler", lr_scheduler.state_dict())
+def save_training_state(folder: Path, accelerator: Accelerator, models: Models, run: Run) -> None:
+    """Everything a resumed run needs, without pickles: LoRA weights (convlora files, one per trained
+    model), optimizer and scheduler state (safetensors + JSON), progress (step, losses, seed)."""
+    for name, model in trained_by_name(models, run).items():
+        save_lora(accelerator.unwrap_model(model), folder / f"{name}_lora.safetensors")
+    write_state(folder, "optimizer", run.optimizer.state_dict())
+    write_state(folder, "lr_scheduler", run.lr_scheduler.state_dict())
     if accelerator.scaler is not None:
         write_state(folder, "grad_scaler", accelerator.scaler.state_dict())
-    write_state(folder, "progress", progress)
+    write_state(folder, "progress", run.progress)
 
 
-def load_training_state(folder: Path, accelerator, unet, text_encoder, optimizer, lr_scheduler) -> dict:
-    """Inverse of :func:`save_training_state`; returns the progress dict."""
-    te_file = folder / "text_encoder_lora.safetensors"
-    if (text_encoder is not None) != te_file.is_file():
-        raise CheckpointError(f"{folder}: the text encoder was {'' if te_file.is_file() else 'not '}trained in that run; "
-                              f"pass {'' if te_file.is_file() else 'no '}--train_text_encoder")
-    lora_files = [(unet, folder / "unet_lora.safetensors")] + ([(text_encoder, te_file)] if text_encoder is not None else [])
-    for model, lora_file in lora_files:
-        check_adapter_unchanged(accelerator.unwrap_model(model), lora_file)
-    for model, lora_file in lora_files:
-        load_lora(accelerator.unwrap_model(model), lora_file)
-    optimizer.load_state_dict(read_state(folder, "optimizer"))
-    lr_scheduler.load_state_dict(read_state(folder, "lr_scheduler"))
+def load_training_state(folder: Path, accelerator: Accelerator, models: Models, run: Run) -> dict:
+    """Inverse of :func:`save_training_state`; returns the progress dict.
+
+    Raises:
+        CheckpointError: the checkpoint's text encoders were (not) trained where this run does (not).
+    """
+    trained = trained_by_name(models, run)
+    for name in models.family.text_encoders:
+        has_file = (folder / f"{name}_lora.safetensors").is_file()
+        if has_file != (name in trained):
+            raise CheckpointError(f"{folder}: the text encoder was {'' if has_file else 'not '}trained in that run; "
+                                  f"pass {'' if has_file else 'no '}--train_text_encoder")
+    for name, model in trained.items():  # every file fits before any is loaded
+        check_adapter_unchanged(accelerator.unwrap_model(model), folder / f"{name}_lora.safetensors")
+    for name, model in trained.items():
+        load_lora(accelerator.unwrap_model(model), folder / f"{name}_lora.safetensors")
+    run.optimizer.load_state_dict(read_state(folder, "optimizer"))
+    run.lr_scheduler.load_state_dict(read_state(folder, "lr_scheduler"))
     if accelerator.scaler is not None and (folder / "grad_scaler.json").is_file():
         accelerator.scaler.load_state_dict(read_state(folder, "grad_scaler"))
     return read_state(folder, "progress")
 
 
+def trained_by_name(models: Models, run: Run) -> dict[str, torch.nn.Module]:
+    """``{"unet": ..., "text_encoder": ..., ...}``: the prepared models that carry LoRA."""
+    return {"unet": run.unet, **{name: run.text_encoders[name] for name in models.trained_encoders}}
+
+
+# ==== 5. train loop ==============================================================================
+
+
+def train_loop(args: argparse.Namespace, accelerator: Accelerator, models: Models, run: Run) -> None:
+    """Epochs from the resumed one to the last: validate (per --validation_steps or at epoch ends),
+    checkpoint, stop at --max_train_steps."""
+    latent_scale = vae_scale(models.vae)
+    alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
+    progress_bar = tqdm(range(args.max_train_steps), initial=run.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    for epoch in range(run.first_epoch, args.num_train_epochs):
+        run.epoch = epoch
+        for model in run.trained_models(models):
+            model.train()
+        skipped_batches = run.batches_to_skip if epoch == run.first_epoch else 0
+        loader = epoch_loader(run.dataloader, epoch, skipped_batches)  # the shuffle order and every per-sample draw
+        window_losses: list[torch.Tensor] = []  # the gathered losses of the batches of one optimizer step
+        for batch_in_epoch, batch in enumerate(loader, start=skipped_batches):
+            # The global RNG only drives LoRA dropout; seeding it per batch keeps resume exact.
+            torch.manual_seed(sample_seed(args.seed, "batch", epoch, batch_in_epoch, accelerator.process_index))
+            finite = train_step(args, accelerator, models, run, batch, epoch, latent_scale, alphas_cumprod, window_losses)
+            if not accelerator.sync_gradients:
+                continue
+            record_step(args, accelerator, run, torch.cat(window_losses), finite, progress_bar)
+            window_losses = []
+            maybe_checkpoint(args, accelerator, models, run)
+            if args.validation_steps and run.global_step % args.validation_steps == 0:
+                maybe_validate(args, accelerator, models, run)
+            if run.global_step >= args.max_train_steps:
+                break
+        if not args.validation_steps and (epoch + 1) % args.validation_epochs == 0:
+            maybe_validate(args, accelerator, models, run)
+        if run.global_step >= args.max_train_steps:
+            break
+    progress_bar.close()
+
+
+def train_step(args, accelerator: Accelerator, models: Models, run: Run, batch: dict, epoch: int, latent_scale: int,
+               alphas_cumprod: torch.Tensor, window_losses: list[torch.Tensor]) -> bool:
+    """Forward, backward and (at the end of an accumulation window) the optimizer step of one batch.
+
+    Appends every process's loss to ``window_losses``; returns whether the window so far is finite
+    (loss and gradient norm) -- the same decision in every process.
+    """
+    scheduler = models.noise_scheduler
+    with accelerator.accumulate(*run.trained_models(models)):
+        # (a) latents: the VAE posterior sampled with this sample's own noise
+        latents_hw = (batch["time_ids"][0, 4:6] // latent_scale).tolist()
+        draws = draw_step_noise(batch["index"].cpu(), epoch, args.seed, (models.vae.config.latent_channels, *latents_hw),
+                                scheduler.config.num_train_timesteps, args.noise_offset).to(accelerator.device)
+        with torch.no_grad():
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"], batch["latent_std"]
+            else:
+                posterior = models.vae.encode(batch["pixel_values"].to(dtype=models.vae.dtype)).latent_dist
+                mean, std = posterior.mean, posterior.std
+            latents = (mean.float() + std.float() * draws.latent_eps) * models.vae.config.scaling_factor
+        # (b) forward diffusion: noise the latents at a random timestep
+        noisy_latents = scheduler.add_noise(latents, draws.noise, draws.timesteps)
+        # (c) conditioning: the family's prompt embedding (+ SDXL's added conditions); no graph
+        # through frozen text encoders
+        with contextlib.nullcontext() if models.trained_encoders else torch.no_grad():
+            conditions = models.family.unet_conditions(run.text_encoders, batch)
+        # (d) predict and compare with the target (noise, velocity or x0)
+        target = training_target(scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
+        model_pred = run.unet(noisy_latents, draws.timesteps, **conditions, return_dict=False)[0]
+        loss = diffusion_loss(model_pred, target, draws.timesteps, alphas_cumprod, args.snr_gamma, models.prediction_type)
+        # (e) every process's loss, for the log and for the same skip decision everywhere
+        window_losses.append(accelerator.gather(loss.detach().reshape(1)))
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+        finite = bool(torch.isfinite(torch.cat(window_losses)).all()) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        # (f) update: a non-finite step is skipped (with fp16 the grad scaler skips it itself
+        # and lowers its scale, so it must still see the step)
+        if finite or accelerator.scaler is not None:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def record_step(args, accelerator: Accelerator, run: Run, losses: torch.Tensor, finite: bool, progress_bar) -> None:
+    """Book one completed optimizer step: schedule, progress, log, and the NaN policy.
+
+    Raises:
+        NonFiniteLossError: --max_consecutive_nonfinite_steps non-finite steps in a row.
+    """
+    step = run.global_step + 1
+    step_loss = float(losses.mean())
+    skipped = not finite or bool(getattr(run.optimizer, "step_was_skipped", False))
+    if not skipped:
+        run.lr_scheduler.step()
+    lr = run.lr_scheduler.get_last_lr()[0]
+    run.progress["global_step"] = step
+    run.progress["losses"].append(step_loss if finite else None)
+    run.progress["learning_rates"].append(lr)
+    if skipped:
+        run.progress["skipped_steps"].append(step)
+    run.consecutive_nonfinite = 0 if finite else run.consecutive_nonfinite + 1
+    if not finite:
+        logger.warning(f"step {step}: loss is {step_loss} (non-finite); the update was skipped")
+        if run.consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf in {run.consecutive_nonfinite} steps in a row (up to step {step}); "
+                f"stopping. Nothing with non-finite values was saved; the last checkpoint is "
+                f"{run.checkpoints[-1] if run.checkpoints else 'none'}. Try a lower --learning_rate, "
+                "--mixed_precision bf16 or no, or check the data."
+            )
+    progress_bar.update(1)
+    progress_bar.set_postfix(step=step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train_loss": step_loss if finite else float("nan"), "lr": lr}, step=step)
+
+
+def maybe_checkpoint(args, accelerator: Accelerator, models: Models, run: Run) -> None:
+    """Every --checkpointing_steps: an atomic, rotated checkpoint, written by the main process."""
+    if run.global_step % args.checkpointing_steps:
+        return
+    with full_tensors(run.trained_models(models), run.optimizer):  # FSDP: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            path = save_checkpoint(args.output_dir, run.global_step,
+                                   lambda folder: save_training_state(folder, accelerator, models, run),
+                                   total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)})
+            run.checkpoints.append(path)
+            logger.info(f"Saved checkpoint {path}")
+
+
+def maybe_validate(args, accelerator: Accelerator, models: Models, run: Run, final: bool = False) -> None:
+    """Validation grid from the main process, if prompts are given; mid-run validations skip the
+    last step (the final one covers it)."""
+    if not args.validation_prompt or not accelerator.is_main_process:
+        return
+    if not final and run.global_step >= args.max_train_steps:
+        return
+    run.base_rows, _, grid_path, run.scores = run_validation(args, accelerator, models, run, final=final)
+    run.outputs["validation grid"] = grid_path
+
+
+# ==== 6. save ====================================================================================
+
+
+def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, started: float) -> dict:
+    """From the main process: the LoRA files, the final validation grid, ``train_summary.json``, and
+    the list of outputs. Returns the summary (empty in other processes)."""
+    accelerator.wait_for_everyone()
+    summary = {}
+    gathered = contextlib.ExitStack()
+    gathered.enter_context(full_tensors(run.trained_models(models)))  # FSDP: every process gathers, the main one writes
+    if accelerator.is_main_process:
+        final = {name: accelerator.unwrap_model(model) for name, model in trained_by_name(models, run).items()}
+        metadata = file_metadata(args, accelerator, models, run)
+        files = {"diffusers": Path(args.output_dir, "pytorch_lora_weights.safetensors"),
+                 "kohya": Path(args.output_dir, f"{args.output_name}_kohya.safetensors"),
+                 "native": Path(args.output_dir, f"{args.output_name}_convlora.safetensors")}
+        for fmt in args.save_format:
+            run.outputs[f"LoRA ({fmt})"] = save_pipeline_lora(files[fmt], **final, format=fmt, metadata=metadata,
+                                                              base_model_version=models.family.kohya_base_model_version)
+        maybe_validate(args, accelerator, models, run, final=True)
+        kept = list_checkpoints(args.output_dir)
+        if kept:
+            run.outputs["checkpoints"] = ", ".join(str(path) for _, path in kept)
+        if accelerator.trackers:
+            logs = Path(args.output_dir, args.logging_dir)
+            run.outputs["tensorboard"] = f"{logs}  (tensorboard --logdir {logs})"
+        summary = {
+            **run.progress,
+            "max_train_steps": args.max_train_steps,
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "family": models.family.name,
+            "distributed": {"requested": run.parallel.requested, "running": run.parallel.running, "sharded": run.parallel.sharded,
+                            "frozen_local_share": frozen_local_share(run.trained_models(models))},
+            "dtypes": {"unet": parameter_dtypes(final["unet"]), "vae": parameter_dtypes(models.vae),
+                       **{name: parameter_dtypes(accelerator.unwrap_model(model)) for name, model in run.text_encoders.items()}},
+            "concept_scores": run.scores,
+            "base_model": args.pretrained_model_name_or_path,
+            "train_data": args.train_data_dir or args.dataset_name,
+            "num_train_images": len(run.dataloader.dataset),
+            "seconds": round(time.time() - started, 1),
+            "outputs": {k: str(v) for k, v in run.outputs.items()},
+        }
+        summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
+        print_outputs(args, run.outputs, summary_path, run.scores, summary["seconds"])
+    gathered.close()
+    accelerator.end_training()
+    return summary
+
+
+def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> dict[str, str]:
+    """The header entries of the LoRA files: convlora's keys and kohya's ``ss_*`` spellings."""
+    trained = models.trained_encoders
+    te_lrs = {name: encoder_setting(args, name, "lr") for name in trained}
+    n_images = len(run.dataloader.dataset)
+    return training_metadata(
+        base_model=args.pretrained_model_name_or_path, unet_preset=args.unet_preset, rank=args.rank,
+        alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
+        conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, steps=run.global_step, epochs=run.epoch + 1,
+        resolution=args.resolution, num_train_images=n_images, train_data=args.train_data_dir or args.dataset_name,
+        text_encoder_preset=args.text_encoder_preset if trained else None,
+        extra={
+            "model_family": models.family.name,
+            "learning_rate": args.learning_rate, "text_encoder_lr": te_lrs.get("text_encoder"),
+            "text_encoder_2_preset": encoder_setting(args, "text_encoder_2", "preset") if "text_encoder_2" in trained else None,
+            "text_encoder_2_lr": te_lrs.get("text_encoder_2"),
+            "lr_scheduler": args.lr_scheduler, "total_batch_size": run.total_batch, "mixed_precision": accelerator.mixed_precision,
+            "seed": args.seed, "prediction_type": models.prediction_type, "snr_gamma": args.snr_gamma,
+            "noise_offset": args.noise_offset, "caption_dropout": args.caption_dropout,
+            "enable_bucket": args.enable_bucket or None,
+        },
+        kohya_extra={
+            "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": te_lrs.get("text_encoder"),
+            "ss_lr_scheduler": args.lr_scheduler, "ss_lr_warmup_steps": args.lr_warmup_steps,
+            "ss_max_train_steps": args.max_train_steps, "ss_batch_size_per_device": args.train_batch_size,
+            "ss_total_batch_size": run.total_batch, "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "ss_mixed_precision": accelerator.mixed_precision, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
+            "ss_min_snr_gamma": args.snr_gamma, "ss_caption_dropout_rate": args.caption_dropout,
+            "ss_cache_latents": args.cache_latents, "ss_flip_aug": args.random_flip, "ss_random_crop": not args.center_crop,
+            "ss_network_dropout": args.lora_dropout, "ss_max_grad_norm": args.max_grad_norm,
+            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if args.use_8bit_adam else "torch.optim.AdamW",
+            "ss_dataset_dirs": {Path(args.train_data_dir or args.dataset_name).name: {"n_repeats": 1, "img_count": n_images}},
+            "ss_enable_bucket": args.enable_bucket,
+            **({"ss_min_bucket_reso": args.min_bucket_reso, "ss_max_bucket_reso": args.max_bucket_reso,
+                "ss_bucket_reso_steps": args.bucket_reso_steps} if args.enable_bucket else {}),
+        },
+    )
+
+
 # ==== validation =================================================================================
 
 
-def validation_pipeline(args, accelerator, models: Models, unet, text_encoder) -> StableDiffusionPipeline:
-    """A pipeline around the models in memory (nothing reloaded, nothing cast), with the folder's own
-    sampling scheduler."""
-    index = json.loads(Path(args.pretrained_model_name_or_path, "model_index.json").read_text()) \
-        if Path(args.pretrained_model_name_or_path, "model_index.json").is_file() else {}
+def validation_pipeline(args, accelerator: Accelerator, models: Models, run: Run):
+    """A pipeline of the family around the models in memory (nothing reloaded, nothing cast), with
+    the folder's own sampling scheduler."""
+    index_file = Path(args.pretrained_model_name_or_path, "model_index.json")
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     scheduler_class = getattr(diffusers, index.get("scheduler", [None, "DDPMScheduler"])[1], DDPMScheduler)
     scheduler = scheduler_class.from_config(models.noise_scheduler.config)
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=models.tokenizer,
-        unet=accelerator.unwrap_model(unet), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    text_encoders = {name: accelerator.unwrap_model(model) for name, model in run.text_encoders.items()}
+    return models.family.build_pipeline(models.vae, accelerator.unwrap_model(run.unet), text_encoders, models.tokenizers, scheduler)
 
 
 @torch.no_grad()
-def sample_images(pipeline: StableDiffusionPipeline, args) -> list[list[Image.Image]]:
+def sample_images(pipeline, args) -> list[list[Image.Image]]:
     """``num_validation_images`` images per validation prompt, image ``i`` always from seed ``seed + i``."""
     rows = []
     for prompt in args.validation_prompt:
@@ -642,15 +1035,16 @@ def sample_images(pipeline: StableDiffusionPipeline, args) -> list[list[Image.Im
     return rows
 
 
-def run_validation(args, accelerator, models: Models, unet, text_encoder, step: int, base_rows, final: bool = False):
+def run_validation(args, accelerator: Accelerator, models: Models, run: Run, final: bool = False):
     """Sample the validation prompts with LoRA (and, the first time, without), save the PNG grid and
     log it. Returns ``(base_rows, lora_rows, grid_path, scores)``.
 
     ``eval()`` merges LoRA into the weights (inference at base speed, no cast of any trained
     module); ``train()`` afterwards restores the exact training weights.
     """
-    pipeline = validation_pipeline(args, accelerator, models, unet, text_encoder)
-    trained = [accelerator.unwrap_model(unet)] + ([accelerator.unwrap_model(text_encoder)] if args.train_text_encoder else [])
+    step, base_rows = run.global_step, run.base_rows
+    pipeline = validation_pipeline(args, accelerator, models, run)
+    trained = [accelerator.unwrap_model(model) for model in run.trained_models(models)]
     for model in trained:
         model.eval()
     try:
@@ -714,248 +1108,22 @@ def make_grid(base_rows, lora_rows, prompts, step: int, per_line: int = 8) -> Im
                 grid.paste(image.resize((tile, tile), Image.NEAREST), (side_x + (i % cols) * tile, top + (i // cols) * tile))
     return grid
 
-
 # ==== main =======================================================================================
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The six steps; returns the summary written to ``train_summary.json`` (main process)."""
     started = time.time()
     args = parse_args(argv)
-
-    # ---- 1. setup ------------------------------------------------------------------------------
-    accelerator, resume_dir = setup(args)
+    accelerator, resume_dir = setup(args)                                   # 1. setup
     parallel = check_parallelism(accelerator, validating=bool(args.validation_prompt))
-    logger.info(parallel.describe())
-
-    # ---- 2. models -----------------------------------------------------------------------------
-    models = load_models(args, accelerator)
-    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
-    prepare_sharding(parallel, accelerator, [unet] + ([text_encoder] if args.train_text_encoder else []))
-    params_unet = list(adapter_parameters(unet).values())
-    params_te = list(adapter_parameters(text_encoder).values()) if args.train_text_encoder else []
-
-    # ---- 3. data -------------------------------------------------------------------------------
-    dataset, train_dataloader = build_data(args, accelerator, models)
-
-    # ---- 4. optimizer, LR schedule, prepare, resume --------------------------------------------
-    optimizer = build_optimizer(args, accelerator, models, params_unet, params_te)
-    batches_per_epoch = math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    # Stepped by this script once per optimizer step (not by accelerate once per process), so
-    # the schedule is the same for any number of processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
-    )
-    if parallel.shard_here:  # the models are FSDP2-sharded already; DDP must not wrap them
-        optimizer, train_dataloader = accelerator.prepare(optimizer, train_dataloader)
-    elif args.train_text_encoder:
-        unet, text_encoder, optimizer, train_dataloader = accelerator.prepare(unet, text_encoder, optimizer, train_dataloader)
-    else:
-        unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    if len(train_dataloader) != batches_per_epoch:
-        raise RuntimeError(f"expected {batches_per_epoch} batches per epoch per process, accelerate gives {len(train_dataloader)}")
-    trained_models = [unet] + ([text_encoder] if args.train_text_encoder else [])
-    params = params_unet + params_te
-
-    progress = {"seed": args.seed, "global_step": 0, "losses": [], "learning_rates": [], "skipped_steps": []}
-    if resume_dir is not None:
-        with full_tensors(trained_models, optimizer, write_back=True):  # FSDP: load whole tensors, keep this shard
-            progress = load_training_state(resume_dir, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                           optimizer, lr_scheduler)
-        accelerator.print(f"Resumed from {resume_dir} at step {progress['global_step']}")
-    global_step = progress["global_step"]
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("text2image-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                              for k, v in vars(args).items()})
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Training: {len(dataset)} images, {args.max_train_steps} steps ({args.num_train_epochs} epochs), "
-                f"batch {args.train_batch_size} per process x {accelerator.num_processes} processes x "
-                f"{args.gradient_accumulation_steps} accumulation = {total_batch}, mixed precision "
-                f"{accelerator.mixed_precision}, seed {args.seed} *****")
-
-    # ---- 5. train loop -------------------------------------------------------------------------
-    latent_shape = (vae.config.latent_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
-    alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
-    base_rows, outputs, scores = None, {}, {}
-    checkpoints, consecutive_nonfinite = [], 0
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    window_losses: list[torch.Tensor] = []  # the gathered losses of the batches of one optimizer step
-
-    epoch = first_epoch
-    for epoch in range(first_epoch, args.num_train_epochs):
-        for model in trained_models:
-            model.train()
-        skipped_batches = batches_to_skip if epoch == first_epoch else 0
-        loader = epoch_loader(train_dataloader, epoch, skipped_batches)  # the shuffle order and every per-sample draw
-        for batch_in_epoch, batch in enumerate(loader, start=skipped_batches):
-            # The global RNG only drives LoRA dropout; seeding it per batch keeps resume exact.
-            torch.manual_seed(sample_seed(args.seed, "batch", epoch, batch_in_epoch, accelerator.process_index))
-            with accelerator.accumulate(*trained_models):
-                # (a) latents: the VAE posterior sampled with this sample's own noise
-                draws = draw_step_noise(batch["index"].cpu(), epoch, args.seed, latent_shape,
-                                        models.noise_scheduler.config.num_train_timesteps, args.noise_offset).to(accelerator.device)
-                with torch.no_grad():
-                    if "latent_mean" in batch:
-                        mean, std = batch["latent_mean"], batch["latent_std"]
-                    else:
-                        posterior = vae.encode(batch["pixel_values"].to(dtype=models.weight_dtype)).latent_dist
-                        mean, std = posterior.mean, posterior.std
-                    latents = (mean.float() + std.float() * draws.latent_eps) * vae.config.scaling_factor
-                # (b) forward diffusion: noise the latents at a random timestep
-                noisy_latents = models.noise_scheduler.add_noise(latents, draws.noise, draws.timesteps)
-                # (c) text conditioning (no graph through a frozen text encoder)
-                with contextlib.nullcontext() if args.train_text_encoder else torch.no_grad():
-                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                # (d) predict and compare with the target (noise, velocity or x0)
-                target = training_target(models.noise_scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
-                model_pred = unet(noisy_latents, draws.timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = diffusion_loss(model_pred, target, draws.timesteps, alphas_cumprod, args.snr_gamma, models.prediction_type)
-                # (e) every process's loss, for the log and for the same skip decision everywhere
-                window_losses.append(accelerator.gather(loss.detach().reshape(1)))
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                losses = torch.cat(window_losses)
-                finite = bool(torch.isfinite(losses).all()) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
-                # (f) update: a non-finite step is skipped (with fp16 the grad scaler skips it itself
-                # and lowers its scale, so it must still see the step)
-                if finite or accelerator.scaler is not None:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            # ---- one optimizer step is complete ----
-            global_step += 1
-            window_losses = []
-            step_loss = float(losses.mean())
-            skipped = not finite or bool(getattr(optimizer, "step_was_skipped", False))
-            if not skipped:
-                lr_scheduler.step()
-            progress["global_step"] = global_step
-            progress["losses"].append(step_loss if finite else None)
-            progress["learning_rates"].append(lr_scheduler.get_last_lr()[0])
-            if skipped:
-                progress["skipped_steps"].append(global_step)
-            if finite:
-                consecutive_nonfinite = 0
-            else:
-                consecutive_nonfinite += 1
-                logger.warning(f"step {global_step}: loss is {step_loss} (non-finite); the update was skipped")
-                if consecutive_nonfinite >= args.max_consecutive_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"the loss was NaN/inf in {consecutive_nonfinite} steps in a row (up to step {global_step}); "
-                        f"stopping. Nothing with non-finite values was saved; the last checkpoint is "
-                        f"{checkpoints[-1] if checkpoints else 'none'}. Try a lower --learning_rate, "
-                        "--mixed_precision bf16 or no, or check the data."
-                    )
-            progress_bar.update(1)
-            progress_bar.set_postfix(step=global_step, loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"train_loss": step_loss if finite else float("nan"), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0:
-                with full_tensors(trained_models, optimizer):  # FSDP: every process gathers, the main one writes
-                    if accelerator.is_main_process:
-                        path = save_checkpoint(
-                            args.output_dir, global_step,
-                            lambda folder: save_training_state(folder, accelerator, unet, text_encoder if args.train_text_encoder else None,
-                                                               optimizer, lr_scheduler, progress),
-                            total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)},
-                        )
-                        checkpoints.append(path)
-                        logger.info(f"Saved checkpoint {path}")
-            if (args.validation_prompt and accelerator.is_main_process and args.validation_steps
-                    and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
-                base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
-                outputs["validation grid"] = grid_path
-            if global_step >= args.max_train_steps:
-                break
-
-        if (args.validation_prompt and accelerator.is_main_process and not args.validation_steps
-                and (epoch + 1) % args.validation_epochs == 0 and global_step < args.max_train_steps):
-            base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows)
-            outputs["validation grid"] = grid_path
-        if global_step >= args.max_train_steps:
-            break
-    progress_bar.close()
-
-    # ---- 6. save -------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    summary = {}
-    gathered = contextlib.ExitStack()
-    gathered.enter_context(full_tensors(trained_models))  # FSDP: every process gathers, the main one writes
-    if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet)
-        final_te = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
-        metadata = training_metadata(
-            base_model=args.pretrained_model_name_or_path, unet_preset=args.unet_preset, rank=args.rank,
-            alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
-            conv_rank=args.conv_rank, conv_alpha=args.conv_alpha, steps=global_step, epochs=epoch + 1,
-            resolution=args.resolution, num_train_images=len(dataset), train_data=args.train_data_dir or args.dataset_name,
-            text_encoder_preset=args.text_encoder_preset if args.train_text_encoder else None,
-            extra={
-                "learning_rate": args.learning_rate, "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None,
-                "lr_scheduler": args.lr_scheduler, "total_batch_size": total_batch, "mixed_precision": accelerator.mixed_precision,
-                "seed": args.seed, "prediction_type": models.prediction_type, "snr_gamma": args.snr_gamma,
-                "noise_offset": args.noise_offset, "caption_dropout": args.caption_dropout,
-            },
-            kohya_extra={
-                "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None,
-                "ss_lr_scheduler": args.lr_scheduler, "ss_lr_warmup_steps": args.lr_warmup_steps,
-                "ss_max_train_steps": args.max_train_steps, "ss_batch_size_per_device": args.train_batch_size,
-                "ss_total_batch_size": total_batch, "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "ss_mixed_precision": accelerator.mixed_precision, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
-                "ss_min_snr_gamma": args.snr_gamma, "ss_caption_dropout_rate": args.caption_dropout,
-                "ss_cache_latents": args.cache_latents, "ss_flip_aug": args.random_flip, "ss_random_crop": not args.center_crop,
-                "ss_network_dropout": args.lora_dropout, "ss_max_grad_norm": args.max_grad_norm,
-                "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if args.use_8bit_adam else "torch.optim.AdamW",
-                "ss_dataset_dirs": {Path(args.train_data_dir or args.dataset_name).name: {"n_repeats": 1, "img_count": len(dataset)}},
-            },
-        )
-        files = {"diffusers": Path(args.output_dir, "pytorch_lora_weights.safetensors"),
-                 "kohya": Path(args.output_dir, f"{args.output_name}_kohya.safetensors"),
-                 "native": Path(args.output_dir, f"{args.output_name}_convlora.safetensors")}
-        for fmt in args.save_format:
-            written = save_pipeline_lora(files[fmt], unet=final_unet, text_encoder=final_te, format=fmt, metadata=metadata)
-            outputs[f"LoRA ({fmt})"] = written
-        if args.validation_prompt:
-            base_rows, _, grid_path, scores = run_validation(args, accelerator, models, unet, text_encoder, global_step, base_rows, final=True)
-            outputs["validation grid"] = grid_path
-        kept = list_checkpoints(args.output_dir)
-        if kept:
-            outputs["checkpoints"] = ", ".join(str(path) for _, path in kept)
-        if accelerator.trackers:
-            outputs["tensorboard"] = f"{Path(args.output_dir, args.logging_dir)}  (tensorboard --logdir {Path(args.output_dir, args.logging_dir)})"
-        summary = {
-            **progress,
-            "max_train_steps": args.max_train_steps,
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes,
-            "distributed": {"requested": parallel.requested, "running": parallel.running, "sharded": parallel.sharded,
-                            "frozen_local_share": frozen_local_share(trained_models)},
-            "dtypes": {"unet": parameter_dtypes(final_unet), "vae": parameter_dtypes(vae),
-                       "text_encoder": parameter_dtypes(accelerator.unwrap_model(text_encoder))},
-            "concept_scores": scores,
-            "base_model": args.pretrained_model_name_or_path,
-            "train_data": args.train_data_dir or args.dataset_name,
-            "num_train_images": len(dataset),
-            "seconds": round(time.time() - started, 1),
-            "outputs": {k: str(v) for k, v in outputs.items()},
-        }
-        summary_path = write_json(Path(args.output_dir, "train_summary.json"), summary)
-        print_outputs(args, outputs, summary_path, scores, summary["seconds"])
-    gathered.close()
-    accelerator.end_training()
-    return summary
+    models = load_models(args, accelerator)                                 # 2. models (+ LoRA)
+    dataset, dataloader = build_data(args, accelerator, models)             # 3. data
+    run = prepare_training(args, accelerator, models, dataset, dataloader,  # 4. optimizer, schedule,
+                           parallel)
+    resume_or_start(args, accelerator, models, run, resume_dir)             #    prepare, resume
+    train_loop(args, accelerator, models, run)                              # 5. train loop
+    return write_outputs(args, accelerator, models, run, started)           # 6. save
 
 
 def vae_scale(vae: AutoencoderKL) -> int:

@@ -1,4 +1,5 @@
-"""LoRA on a whole Stable Diffusion pipeline (UNet and optionally text encoder), saved as one file.
+"""LoRA on a whole Stable Diffusion (1.x/2.x or XL) pipeline: UNet and optionally its text encoders
+(``text_encoder``, and SDXL's ``text_encoder_2``), saved as one file.
 
 >>> cfg = unet_lora_config("full", rank=8, conv_rank=4)
 >>> inject_pipeline_lora(pipe, unet_config=cfg)                          # doctest: +SKIP
@@ -16,6 +17,8 @@ from typing import Any
 from torch import nn
 
 from convlora.config import LoRAConfig
+from convlora.diffusion.families import SD, SDXL, family_of_pipeline
+from convlora.formats.ldm_names import LDMNames
 from convlora.formats import FORMATS, LoRAFormatError, LoRAWeights, read_lora_file, write_lora_file
 from convlora.formats.weights import (
     check_portable_geometry,
@@ -64,21 +67,30 @@ TRAINING_METADATA: dict[str, str] = {
 
 
 def inject_pipeline_lora(
-    pipe: Any, unet_config: LoRAConfig | None = None, text_encoder_config: LoRAConfig | None = None
+    pipe: Any,
+    unet_config: LoRAConfig | None = None,
+    text_encoder_config: LoRAConfig | None = None,
+    text_encoder_2_config: LoRAConfig | None = None,
 ) -> dict[str, list[str]]:
-    """Inject LoRA into ``pipe.unet`` and/or ``pipe.text_encoder``; returns the adapted paths per component.
+    """Inject LoRA into ``pipe.unet`` and/or its text encoders; returns the adapted paths per component.
+
+    ``text_encoder_2_config`` is for SDXL's second encoder; ``None`` there with a
+    ``text_encoder_config`` on an SDXL pipeline adapts both encoders with that config.
 
     Raises:
-        ValueError: neither config given, or what :func:`convlora.inject_lora` raises.
+        ValueError: no config given, a config for an encoder the pipeline lacks, or what
+            :func:`convlora.inject_lora` raises.
     """
-    if unet_config is None and text_encoder_config is None:
+    if text_encoder_2_config is None and getattr(pipe, "text_encoder_2", None) is not None:
+        text_encoder_2_config = text_encoder_config
+    configs = {"unet": unet_config, "text_encoder": text_encoder_config, "text_encoder_2": text_encoder_2_config}
+    configs = {name: config for name, config in configs.items() if config is not None}
+    if not configs:
         raise ValueError("give unet_config and/or text_encoder_config")
-    adapted = {}
-    if unet_config is not None:
-        adapted["unet"] = inject_lora(pipe.unet, unet_config)
-    if text_encoder_config is not None:
-        adapted["text_encoder"] = inject_lora(pipe.text_encoder, text_encoder_config)
-    return adapted
+    missing = [name for name in configs if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(f"the pipeline has no {', '.join(missing)}")
+    return {name: inject_lora(getattr(pipe, name), config) for name, config in configs.items()}
 
 
 def save_pipeline_lora(
@@ -87,8 +99,10 @@ def save_pipeline_lora(
     text_encoder: nn.Module | None = None,
     format: str = "diffusers",
     metadata: Mapping[str, str] | None = None,
+    text_encoder_2: nn.Module | None = None,
+    base_model_version: str | None = None,
 ) -> Path:
-    """Save the LoRA of a UNet and/or text encoder as one file.
+    """Save the LoRA of a UNet and/or text encoder(s) as one file.
 
     Args:
         path: the ``.safetensors`` file to write (a folder gets diffusers' file name
@@ -97,6 +111,9 @@ def save_pipeline_lora(
             ``"kohya"`` (A1111 / ComfyUI, and diffusers too) or ``"native"`` (convlora's own file,
             modules prefixed ``unet.`` / ``text_encoder.``).
         metadata: string entries for the file header (e.g. ``base_model``, ``steps``; see README).
+        text_encoder_2: SDXL's second text encoder (``text_encoder_2.`` keys; kohya ``lora_te2_``).
+        base_model_version: kohya's ``ss_base_model_version``; ``None``: the family's
+            (``sdxl_base_v1-0`` with an SDXL UNet or a second text encoder, else ``sd_v1``).
 
     Returns:
         The file written (atomically: a crash leaves no partial file).
@@ -108,7 +125,8 @@ def save_pipeline_lora(
     """
     if format not in FORMATS or format == "peft":
         raise ValueError(f"format must be 'diffusers', 'kohya' or 'native', got {format!r}")
-    models = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    models = {name: m for name, m in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+              if m is not None}
     if not models:
         raise ValueError("save_pipeline_lora needs unet= and/or text_encoder=")
     extra = _checked_metadata(metadata)
@@ -118,7 +136,13 @@ def save_pipeline_lora(
             check_portable_geometry(model, format)
         modules.update(weights_from_model(model, prefix=f"{name}."))
     weights = LoRAWeights(modules, use_rslora=uses_rslora(*models.values()), metadata=extra)
-    return write_lora_file(weights, path, format)
+    if base_model_version is None:
+        is_xl = text_encoder_2 is not None or (unet is not None and family_of_pipeline(unet) is SDXL)
+        base_model_version = (SDXL if is_xl else SD).kohya_base_model_version
+    ldm_names = None
+    if format == "kohya" and base_model_version.startswith("sdxl") and unet is not None and hasattr(unet, "config"):
+        ldm_names = LDMNames.from_config(unet.config)  # SDXL kohya files: LDM names in this UNet's layout
+    return write_lora_file(weights, path, format, base_model_version=base_model_version, ldm_names=ldm_names)
 
 
 def load_pipeline_lora(
@@ -126,8 +150,9 @@ def load_pipeline_lora(
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
     strict: bool = True,
+    text_encoder_2: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Load a LoRA file of any format into a UNet and/or text encoder.
+    """Load a LoRA file of any format into a UNet and/or text encoder(s) (SDXL: ``text_encoder_2`` too).
 
     The format is detected (convlora native, diffusers, kohya, PEFT folder). A model without LoRA
     gets LoRA injected exactly as the file describes (paths, ranks, alphas); a model with LoRA must
@@ -135,7 +160,8 @@ def load_pipeline_lora(
     ``text_encoder.`` prefixes) loads into the UNet, or the text encoder if its names fit only there.
 
     Returns:
-        ``{"format": str, "metadata": dict[str, str], "unet": [paths], "text_encoder": [paths]}``.
+        ``{"format": str, "metadata": dict[str, str], "unet": [paths], "text_encoder": [paths],
+        "text_encoder_2": [paths]}``.
 
     Raises:
         LoRAFormatError: no LoRA keys; keys the format's reader does not understand; with ``strict``
@@ -144,10 +170,10 @@ def load_pipeline_lora(
         StateDictMismatchError: rank / shape mismatches, or (strict) LoRA modules of the model that the
             file does not cover.
     """
-    models = {"unet": unet, "text_encoder": text_encoder}
-    if unet is None and text_encoder is None:
-        raise ValueError("load_pipeline_lora needs unet= and/or text_encoder=")
-    fmt, weights = read_lora_file(path)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    if all(model is None for model in models.values()):
+        raise ValueError("load_pipeline_lora needs unet= and/or text_encoder= (text_encoder_2=)")
+    fmt, weights = read_lora_file(path, unet_config=getattr(unet, "config", None) if unet is not None else None)
     parts = _split_by_component(weights, models, path)
     absent = [name for name in parts if models.get(name) is None]
     if absent and strict:
@@ -155,7 +181,8 @@ def load_pipeline_lora(
             f"{path} holds LoRA for {', '.join(absent)} ({sum(len(parts[a]) for a in absent)} modules) but no such "
             "model was given; pass it, or strict=False to skip it"
         )
-    result: dict[str, Any] = {"format": fmt, "metadata": dict(weights.metadata), "unet": [], "text_encoder": []}
+    result: dict[str, Any] = {"format": fmt, "metadata": dict(weights.metadata), "unet": [], "text_encoder": [],
+                              "text_encoder_2": []}
     with unchanged_on_error(*(models[name] for name in parts if models.get(name) is not None)):
         for name, modules in parts.items():
             if models.get(name) is not None:
@@ -166,11 +193,12 @@ def load_pipeline_lora(
 
 
 def build_pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
-    """The UNet and text encoder of a diffusers pipeline folder, built from their configs on the
+    """The UNet and text encoder(s) of a diffusers pipeline folder, built from their configs on the
     ``meta`` device: module names and shapes without reading (or allocating) any weight.
 
     Returns:
-        ``{"unet": model, "text_encoder": model}`` for the components the folder has.
+        ``{"unet": model, "text_encoder": model, "text_encoder_2": model}`` for the components the
+        folder has (SDXL pipelines have ``text_encoder_2``).
 
     Raises:
         FileNotFoundError: the folder has neither ``unet/config.json`` nor ``text_encoder/config.json``.
@@ -184,7 +212,8 @@ def build_pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
     folder = Path(folder)
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    defaults = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    defaults = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
     models: dict[str, nn.Module] = {}
     with torch.device("meta"):
         for name, default in defaults.items():

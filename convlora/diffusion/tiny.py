@@ -21,6 +21,22 @@ Shapes (the same architecture as the pretrained base in ``examples/tiny-sd-fashi
 So ``pipe(prompt)`` gives 32x32 images by default (``unet.sample_size * vae_scale_factor``).
 The UNet is exactly the tiny UNet of diffusers' own tests (with ``sample_size`` set for 8x8
 latents); the VAE has one more block than diffusers' tiny test VAE, for the 4x downscale.
+
+:func:`build_tiny_sdxl_pipeline` is the Stable-Diffusion-XL counterpart (a
+``StableDiffusionXLPipeline``), with SDXL's structure at toy widths::
+
+    text        the same tokenizer twice (tokenizer, tokenizer_2); encoders at CLIP's own init
+                (initializer_factor 1)
+                text_encoder   CLIPTextModel, hidden 32, 5 layers              -> penultimate (B, 77, 32)
+                text_encoder_2 CLIPTextModelWithProjection, hidden 32, 5 layers -> penultimate (B, 77, 32)
+                               + pooled projection text_embeds (B, 32)
+    UNet        SDXL's block pattern: DownBlock2D, CrossAttnDownBlock2D x 2 (up: the mirror image),
+                block_out_channels (32, 64, 64), transformer_layers_per_block (1, 1, 2) -- a depth that
+                differs per block, as SDXL's (1, 2, 10) --, linear proj_in/out,
+                addition_embed_type "text_time" (time ids (B, 6) embedded 8-wide + pooled text (B, 32)),
+                cross_attention_dim 64 (= 32 + 32, the two encoders concatenated)
+                (B, 4, 8, 8), t, (B, 77, 64), {"text_embeds": (B, 32), "time_ids": (B, 6)} -> (B, 4, 8, 8)
+    VAE         as above, SDXL's scaling_factor 0.13025
 """
 
 from __future__ import annotations
@@ -30,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = [
     "TINY_IMAGE_SIZE",
@@ -43,6 +59,9 @@ __all__ = [
     "load_tiny_tokenizer",
     "build_tiny_pipeline",
     "save_tiny_pipeline",
+    "tiny_sdxl_unet_config",
+    "build_tiny_sdxl_pipeline",
+    "save_tiny_sdxl_pipeline",
     "copy_tokenizer_vocab_files",
 ]
 
@@ -63,6 +82,30 @@ def tiny_unet_config() -> dict[str, Any]:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
+    )
+
+
+def tiny_sdxl_unet_config() -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs with SDXL's structure at toy widths (see the module docstring).
+
+    ``projection_class_embeddings_input_dim`` = 6 time ids x ``addition_time_embed_dim`` 8 + the
+    32-wide pooled projection of ``text_encoder_2``.
+    """
+    return dict(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
     )
 
 
@@ -175,6 +218,51 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """Build the tiny SDXL pipeline with weights initialised deterministically from ``seed``.
+
+    As :func:`build_tiny_pipeline`: the global RNG is untouched, same seed -> bit-identical
+    parameters, fp32 on the CPU in eval mode; no watermarker, no image encoder.
+    """
+    tokenizer = load_tiny_tokenizer()
+    te_config = tiny_text_encoder_config(tokenizer)
+    # CLIP's own init: SDXL conditions on the penultimate hidden states, which no final layer norm
+    # rescales, and at initializer_factor 10 they reach ~240, where attention softmaxes are so
+    # sharp that float32 rounding of a batch-1 vs batch-2 UNet call differs by 2% (at 1: 2.2, 1e-6).
+    te_config.initializer_factor = 1.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**tiny_vae_config(scaling_factor=0.13025))
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(te_config)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(te_config)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=load_tiny_tokenizer(),
+        unet=unet.eval(),
+        scheduler=DDPMScheduler(**tiny_scheduler_config()),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """:func:`save_tiny_pipeline` for :func:`build_tiny_sdxl_pipeline` (adds ``text_encoder_2/``,
+    ``tokenizer_2/``; ``model_index.json`` names ``StableDiffusionXLPipeline``)."""
+    out = Path(path)
+    build_tiny_sdxl_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
+    copy_tokenizer_vocab_files(out / "tokenizer")
+    copy_tokenizer_vocab_files(out / "tokenizer_2")
+    return out
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:

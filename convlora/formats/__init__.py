@@ -12,12 +12,13 @@ or raises naming the leftovers.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from convlora.formats.detect import FORMATS, detect_format, lora_file_of
 from convlora.formats.diffusers import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from convlora.formats.diffusers import from_diffusers, to_diffusers
-from convlora.formats.kohya import from_kohya, to_kohya
+from convlora.formats.kohya import SDXL_BASE_MODEL_VERSION, SDXL_UNET_LAYOUT, from_kohya, to_kohya
 from convlora.formats.ldm_names import LDMNames
 from convlora.formats.native import from_native, to_native
 from convlora.formats.peft import (
@@ -45,6 +46,7 @@ __all__ = [
     "LoRAWeights",
     "convert_lora_file",
     "detect_format",
+    "is_sdxl",
     "load_peft_adapter",
     "load_weights_into_model",
     "read_lora_file",
@@ -56,8 +58,11 @@ __all__ = [
 _READERS = {"native": from_native, "diffusers": from_diffusers, "kohya": from_kohya}
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[str, LoRAWeights]:
+def read_lora_file(path: str | os.PathLike, unet_config: Mapping[str, object] | None = None) -> tuple[str, LoRAWeights]:
     """Read any supported LoRA file (or PEFT adapter folder) into neutral weights.
+
+    ``unet_config`` (the base's UNet config) numbers LDM-named UNet modules of kohya files that
+    record no layout (SDXL files from kohya's trainer); see :func:`convlora.formats.kohya.from_kohya`.
 
     Returns:
         ``(format, weights)`` with ``format`` one of :data:`FORMATS`.
@@ -73,19 +78,40 @@ def read_lora_file(path: str | os.PathLike) -> tuple[str, LoRAWeights]:
     fmt = detect_format(tensors, header)
     if fmt == "peft":
         return fmt, from_peft(tensors, header, None, source=str(file))
+    if fmt == "kohya":
+        return fmt, from_kohya(tensors, header, source=str(file), unet_config=unet_config)
     return fmt, _READERS[fmt](tensors, header, source=str(file))
 
 
+def is_sdxl(weights: LoRAWeights) -> bool:
+    """Whether neutral weights adapt an SDXL pipeline, judged without the model: a second text
+    encoder, metadata naming SDXL (``ss_base_model_version`` ``sdxl*``, ``model_family`` ``sdxl``),
+    or UNet attentions more than one transformer block deep (SD-1.x/2.x UNets have exactly one)."""
+    if "text_encoder_2" in weights.components():
+        return True
+    if str(weights.metadata.get("ss_base_model_version", "")).startswith("sdxl") or weights.metadata.get("model_family") == "sdxl":
+        return True
+    return any(".transformer_blocks." in p and p.split(".transformer_blocks.")[1].split(".")[0] != "0"
+               for p in weights.component("unet"))
+
+
 def write_lora_file(
-    weights: LoRAWeights, path: str | os.PathLike, fmt: str, base_model_version: str = "sd_v1", ldm_names: LDMNames | None = None
+    weights: LoRAWeights,
+    path: str | os.PathLike,
+    fmt: str,
+    base_model_version: str | None = None,
+    ldm_names: LDMNames | None = None,
+    diffusers_names: bool = False,
 ) -> Path:
     """Write neutral weights as ``fmt``; returns the file (or, for PEFT, folder) written.
 
     For ``"diffusers"`` a folder path (or one without a suffix) gets diffusers' file name
     ``pytorch_lora_weights.safetensors`` inside it; ``"peft"`` always writes a folder.
-    ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one.
+    ``base_model_version`` is kohya's ``ss_base_model_version`` unless the metadata already has one;
+    ``None``: ``sdxl_base_v1-0`` for SDXL weights (:func:`is_sdxl`), else ``sd_v1``.
     ``ldm_names`` (kohya only): name UNet modules by their LDM names in that layout (see
-    :func:`convlora.formats.kohya.to_kohya`).
+    :func:`convlora.formats.kohya.to_kohya`). SDXL kohya files get LDM names anyway (SDXL's
+    standard layout when ``ldm_names`` is not given) unless ``diffusers_names``.
 
     Raises:
         LoRAFormatError: modules recorded as convs those formats' loaders would compute differently
@@ -108,7 +134,11 @@ def write_lora_file(
             path = path / DIFFUSERS_WEIGHT_NAME
         tensors, header = to_diffusers(weights)
     elif fmt == "kohya":
-        tensors, header = to_kohya(weights, base_model_version=base_model_version, ldm_names=ldm_names)
+        xl = str(base_model_version).startswith("sdxl") if base_model_version else is_sdxl(weights)
+        version = base_model_version or (SDXL_BASE_MODEL_VERSION if xl else "sd_v1")
+        if ldm_names is None and xl and not diffusers_names:
+            ldm_names = LDMNames.from_config(SDXL_UNET_LAYOUT)
+        tensors, header = to_kohya(weights, base_model_version=version, ldm_names=ldm_names)
     elif fmt == "native":
         tensors, header = to_native(weights)
     else:
@@ -117,7 +147,12 @@ def write_lora_file(
 
 
 def convert_lora_file(
-    src: str | os.PathLike, dst: str | os.PathLike, fmt: str, component: str | None = None, ldm_names: LDMNames | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    fmt: str,
+    component: str | None = None,
+    ldm_names: LDMNames | None = None,
+    diffusers_names: bool = False,
 ) -> tuple[str, Path]:
     """Convert ``src`` (any format) to ``fmt`` at ``dst``.
 
@@ -126,6 +161,7 @@ def convert_lora_file(
             kohya, the pipeline component it adapts (``"unet"`` or ``"text_encoder"``); for a
             one-component pipeline file going to PEFT, ``None`` strips the prefix.
         ldm_names: kohya only: UNet modules by their LDM names in this layout.
+        diffusers_names: kohya only: UNet modules by their diffusers paths even for SDXL.
 
     Returns:
         ``(source format, written path)``.
@@ -144,4 +180,4 @@ def convert_lora_file(
         if len(names) != 1 and component is None:
             raise LoRAFormatError(f"{src} has components {names}; choose one with --component")
         weights = LoRAWeights(weights.component(component or names[0]), weights.use_rslora, weights.metadata)
-    return src_fmt, write_lora_file(weights, dst, fmt, ldm_names=ldm_names)
+    return src_fmt, write_lora_file(weights, dst, fmt, ldm_names=ldm_names, diffusers_names=diffusers_names)

@@ -158,7 +158,10 @@ def _describe(weights: LoRAWeights) -> list[str]:
 
 
 def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
-    v = Verdict("diffusers StableDiffusionPipeline.load_lora_weights", "ok")
+    from convlora.formats import is_sdxl
+
+    xl = weights is not None and is_sdxl(weights)  # SDXL's loader renumbers LDM names itself
+    v = Verdict(f"diffusers StableDiffusion{'XL' if xl else ''}Pipeline.load_lora_weights", "ok")
     if fmt == "native":
         return Verdict(v.loader, "n/a", _unportable(weights) or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
     if fmt == "peft":
@@ -175,7 +178,7 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
             v.status = "no"
             v.reasons.append(f"not every key starts with lora_unet_/lora_te*_, so its kohya converter is not used: {', '.join(others[:5])}")
         ldm = [k.split(".")[0] for k in keys if k.startswith("lora_unet_") and LDM_FLAT_NAME.match(k[len("lora_unet_") :])]
-        if ldm:
+        if ldm and not xl:
             v.status = "no"
             v.reasons.append(
                 f"{len(set(ldm))} UNet module(s) have LDM names ({ldm[0]}): StableDiffusionPipeline's kohya import "

@@ -12,6 +12,14 @@ Optionally (``ldm_names``) UNet modules are named by their LDM / original-Stable
 (``lora_unet_input_blocks_4_1_proj_in``, see :mod:`convlora.formats.ldm_names`), with the UNet
 layout recorded in the header (:data:`UNET_LAYOUT_KEY`) so they read back exactly.
 
+**SDXL** LoRAs name UNet modules by their LDM names (always: that is how kohya's
+``sdxl_train_network.py`` writes them, its SDXL UNet being the LDM one, and how ComfyUI -- its
+``unet_to_diffusers`` table -- and A1111 -- ``lora_unet`` -> ``diffusion_model`` -- look SDXL LoRAs
+up): ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+``lora_unet_output_blocks_2_2_conv``, with ``ss_base_model_version`` ``sdxl_base_v1-0``. A file that
+records no layout (kohya's own) is read with SDXL's standard layout (:data:`SDXL_UNET_LAYOUT`,
+shared by its fine-tunes) or the base's UNet config when loading into a model.
+
 The names lose their dots. Loading into a model maps them back exactly by comparing with the
 model's module names (:func:`convlora.formats.weights.resolve_paths`); converting without a model
 restores them from the vocabulary of SD-1.x UNet and CLIP module names below.
@@ -35,6 +43,16 @@ NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
 
 #: Header key of a file whose UNet names are LDM names: the UNet layout they were numbered for (JSON).
 UNET_LAYOUT_KEY = "convlora_unet_layout"
+
+#: kohya's ``ss_base_model_version`` of SDXL LoRAs (``sdxl_train_util.MODEL_VERSION_SDXL_BASE_V1_0``).
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+#: SDXL's UNet layout (what decides LDM numbers: block types and resnets per block, not widths or
+#: transformer depths), used where no model or recorded layout says otherwise.
+SDXL_UNET_LAYOUT = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 2,
+}
 
 #: Every key of a file that diffusers' ``load_lora_weights`` treats as kohya starts with one of these.
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -120,7 +138,12 @@ def kohya_name(component: str, path: str, has_te2: bool = False) -> str:
     return prefixes[component] + spelled.replace(".", "_")
 
 
-def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:
+def from_kohya(
+    tensors: Mapping[str, torch.Tensor],
+    header: Mapping[str, str],
+    source: str = "file",
+    unet_config: Mapping[str, object] | None = None,
+) -> LoRAWeights:
     """Neutral weights from a kohya file; paths get a component prefix and restored dots.
 
     A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). An alpha of 0
@@ -128,7 +151,9 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
     NaN, inf or a negative alpha, or an ``.alpha`` that is not one number, is refused by name. Keys that are not
     ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa, LoKr,
     DoRA scales, ...) are named in an error. LDM-named UNet modules are read back with the layout
-    the header records (:data:`UNET_LAYOUT_KEY`); without it they are an error.
+    the header records (:data:`UNET_LAYOUT_KEY`), else by ``unet_config`` (the base's UNet
+    config), else -- for an SDXL file (``lora_te2_`` keys, or ``ss_base_model_version`` ``sdxl*``) --
+    by SDXL's standard layout; otherwise they are an error.
     """
     prefixed = {k: v for k, v in tensors.items() if k.startswith(KOHYA_PREFIXES)}
     groups, leftovers = split_lora_keys(
@@ -148,6 +173,10 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], s
     renamed: dict[str, LoRAModule] = {}
     has_te2 = any(name.startswith("lora_te2_") for name in modules)
     ldm_names = unet_layout_of(header, source)
+    if ldm_names is None and unet_config is not None:
+        ldm_names = LDMNames.from_config(unet_config)
+    if ldm_names is None and (has_te2 or str(header.get("ss_base_model_version", "")).startswith("sdxl")):
+        ldm_names = LDMNames.from_config(SDXL_UNET_LAYOUT)
     for name, module in modules.items():
         path = kohya_name_to_path(name, has_te2, ldm_names, source)
         if path in renamed:

@@ -19,10 +19,11 @@ has to remember to update. (accelerate 1.15's ``DataLoaderShard.set_epoch`` does
 dataset of a loader made by ``skip_first_batches`` or sharded over processes, so a dataset-held
 epoch went stale there.) :func:`epoch_loader` sets the epoch on every sampler under a loader.
 
-Shapes:
-    ``pixel_values``  (3, resolution, resolution) float32 in [-1, 1]
-    ``input_ids``     (tokenizer.model_max_length,) int64
-    cached latents    ``latent_mean`` / ``latent_std`` (C, resolution/f, resolution/f) float32
+Shapes (H x W: the ``resolution`` square, or the image's aspect-ratio bucket):
+    ``pixel_values``  (3, H, W) float32 in [-1, 1]
+    ``input_ids``     (tokenizer.model_max_length,) int64 (SDXL adds ``input_ids_2``)
+    ``time_ids``      (6,) int64: original (h, w), crop (top, left), target (h, w) -- SDXL's micro-conditioning
+    cached latents    ``latent_mean`` / ``latent_std`` (C, H/f, W/f) float32
 """
 
 from __future__ import annotations
@@ -341,11 +342,55 @@ def load_rgb(image: Any, name: str = "image") -> Image.Image:
         raise DataError(f"cannot read training image {name}: {type(err).__name__}: {err}") from None
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """``(width, height)`` after scaling the shorter side to ``resolution`` (as torchvision's Resize(int))."""
-    if width <= height:
-        return resolution, int(resolution * height / width)
-    return int(resolution * width / height), resolution
+def resized_size(width: int, height: int, target: int | tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` after scaling, aspect kept, to the smallest size that covers ``target``.
+
+    ``target`` is a square side (the shorter side becomes it, as torchvision's ``Resize(int)``) or a
+    ``(width, height)`` bucket: the side whose ratio is tighter fits exactly, the other is rounded
+    (kohya's ``BucketManager.select_bucket``) and never below the target.
+    """
+    target_w, target_h = (target, target) if isinstance(target, int) else target
+    if width * target_h >= height * target_w:  # wider than the target: fit the height
+        return max(target_w, int(width * target_h / height + 0.5)), target_h
+    return target_w, max(target_h, int(height * target_w / width + 0.5))
+
+
+def crop_and_resize(
+    image: Image.Image,
+    target: tuple[int, int],
+    center_crop: bool,
+    flip: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize to cover ``target`` (bilinear, antialiased), crop to it, flip, scale to ``[-1, 1]``.
+
+    Args:
+        target: ``(width, height)`` of the training image in pixels.
+        center_crop: crop the centre; otherwise a random offset (top, then left) drawn from ``generator``.
+        flip: mirror horizontally (after the crop).
+
+    Returns:
+        ``pixels`` (3, height, width) float32 in ``[-1, 1]``, and SDXL's micro-conditioning
+        ``time_ids`` (6,) int64: original (height, width), crop (top, left), target (height, width).
+        The crop's ``left`` is measured in the image as trained, i.e. from the left edge of the
+        flipped resized image when ``flip`` (as kohya's sd-scripts records it).
+    """
+    target_w, target_h = target
+    original_w, original_h = image.size
+    width, height = resized_size(original_w, original_h, target)
+    image = TF.resize(image, [height, width], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if center_crop:
+        top, left = (height - target_h) // 2, (width - target_w) // 2
+    else:
+        top = int(torch.randint(0, height - target_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - target_w + 1, (1,), generator=generator))
+    image = TF.crop(image, top, left, target_h, target_w)
+    if flip:
+        image = TF.hflip(image)
+        left = width - left - target_w
+    pixels = TF.to_tensor(image)  # (3, H, W) in [0, 1]
+    time_ids = torch.tensor([original_h, original_w, top, left, target_h, target_w], dtype=torch.long)
+    return pixels * 2.0 - 1.0, time_ids
 
 
 def preprocess_image(
@@ -355,51 +400,54 @@ def preprocess_image(
     flip: bool,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Resize (shorter side -> ``resolution``, bilinear, antialiased), crop to a square, flip, scale.
+    """:func:`crop_and_resize` to a ``resolution`` square; returns only the pixels (3, R, R)."""
+    return crop_and_resize(image, (resolution, resolution), center_crop, flip, generator)[0]
 
-    Args:
-        center_crop: crop the centre; otherwise a random offset drawn from ``generator``.
-        flip: mirror horizontally.
 
-    Returns:
-        ``(3, resolution, resolution)`` float32 in ``[-1, 1]``.
-    """
-    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    width, height = image.size
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    image = TF.crop(image, top, left, resolution, resolution)
-    if flip:
-        image = TF.hflip(image)
-    pixels = TF.to_tensor(image)  # (3, H, W) in [0, 1]
-    return pixels * 2.0 - 1.0
+def image_size(item: Item) -> tuple[int, int]:
+    """``(width, height)`` of an item's image after its EXIF orientation, reading only the header of a file."""
+    if isinstance(item.image, Image.Image):
+        return ImageOps.exif_transpose(item.image).size
+    if isinstance(item.image, (str, Path)):
+        try:
+            with Image.open(item.image) as opened:
+                width, height = opened.size
+                rotated = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+                return (height, width) if rotated else (width, height)
+        except Exception as err:
+            raise DataError(f"cannot read training image {item.name}: {type(err).__name__}: {err}") from None
+    return load_rgb(item.image, item.name).size
 
 
 class TextImageDataset(Dataset):
     """Preprocessed, tokenized samples; deterministic per ``(seed, epoch, index)``.
 
-    ``dataset[i]`` is a dict with ``pixel_values`` (3, R, R), ``input_ids`` (L,), ``index`` ()
-    -- or, after :meth:`use_cached_latents`, ``latent_mean`` / ``latent_std`` instead of pixels.
+    ``dataset[i]`` is a dict with ``pixel_values`` (3, H, W), ``input_ids`` (L,) (and whatever
+    else ``tokenize`` returns, e.g. SDXL's ``input_ids_2``), ``time_ids`` (6,) (see
+    :func:`crop_and_resize`), ``index`` () -- or, after :meth:`use_cached_latents`, ``latent_mean`` /
+    ``latent_std`` instead of pixels. ``(H, W)`` is the ``resolution`` square, or the image's
+    bucket when ``target_sizes`` is given.
     """
 
     def __init__(
         self,
         source: ItemSource,
-        tokenize: Callable[[list[str]], torch.Tensor],
+        tokenize: Callable[[list[str]], torch.Tensor | dict[str, torch.Tensor]],
         resolution: int,
         center_crop: bool = False,
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        target_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """
         Args:
             source: the items.
-            tokenize: captions -> ``(N, L)`` token ids (see :func:`clip_tokenize`).
+            tokenize: captions -> ``(N, L)`` token ids (see :func:`clip_tokenize`), or a dict of such
+                tensors by batch key (one per text encoder).
             resolution: side of the square training images, in pixels.
+            target_sizes: per item, the ``(width, height)`` to crop it to (its aspect-ratio bucket,
+                see :mod:`convlora.training.buckets`); ``None``: the ``resolution`` square.
             center_crop: centre crop (else a random crop per sample and epoch).
             random_flip: mirror half of the samples (per sample and epoch).
             caption_dropout: probability of training a sample with the empty caption.
@@ -409,6 +457,9 @@ class TextImageDataset(Dataset):
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if len(source) == 0:
             raise DataError("no training items")
+        if target_sizes is not None and len(target_sizes) != len(source):
+            raise ValueError(f"target_sizes has {len(target_sizes)} entries for {len(source)} items")
+        self.target_sizes = None if target_sizes is None else [tuple(size) for size in target_sizes]
         self.source = source
         self.tokenize = tokenize
         self.resolution = resolution
@@ -417,7 +468,11 @@ class TextImageDataset(Dataset):
         self.caption_dropout = caption_dropout
         self.seed = seed
         self.epoch = 0
-        self.latent_cache: dict[str, torch.Tensor] | None = None
+        self.latent_cache: dict[str, list[torch.Tensor]] | None = None
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` item ``index`` is trained at."""
+        return (self.resolution, self.resolution) if self.target_sizes is None else self.target_sizes[index]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -450,17 +505,19 @@ class TextImageDataset(Dataset):
         sample: dict[str, torch.Tensor] = {"index": torch.tensor(index, dtype=torch.long)}
         if self.latent_cache is not None:
             which = "flipped" if choice["flip"] else "plain"
-            sample["latent_mean"] = self.latent_cache[f"{which}_mean"][index]
-            sample["latent_std"] = self.latent_cache[f"{which}_std"][index]
+            for field in ("mean", "std", "time_ids"):
+                sample[f"latent_{field}" if field != "time_ids" else field] = self.latent_cache[f"{which}_{field}"][index]
         else:
             image = load_rgb(item.image, item.name)
-            sample["pixel_values"] = preprocess_image(
-                image, self.resolution, self.center_crop, choice["flip"], choice["generator"]
+            sample["pixel_values"], sample["time_ids"] = crop_and_resize(
+                image, self.target_size(index), self.center_crop, choice["flip"], choice["generator"]
             )
-        sample["input_ids"] = self.tokenize([self.caption_for(item, choice)])[0]
+        tokens = self.tokenize([self.caption_for(item, choice)])
+        for name, ids in (tokens.items() if isinstance(tokens, dict) else [("input_ids", tokens)]):
+            sample[name] = ids[0]
         return sample
 
-    def use_cached_latents(self, cache: dict[str, torch.Tensor]) -> None:
+    def use_cached_latents(self, cache: dict[str, list[torch.Tensor]]) -> None:
         """Serve ``latent_mean`` / ``latent_std`` from ``cache`` (see :func:`cache_latents`) instead of pixels."""
         self.latent_cache = cache
 
@@ -475,13 +532,8 @@ class TextImageDataset(Dataset):
         free = []
         for i in range(len(self.source)):
             item = self.source[i]
-            image = item.image if isinstance(item.image, Image.Image) else None
-            if image is None:
-                with Image.open(item.image) as opened:
-                    size = ImageOps.exif_transpose(opened).size
-            else:
-                size = image.size
-            if resized_size(*size, self.resolution) != (self.resolution, self.resolution):
+            target = self.target_size(i)
+            if resized_size(*image_size(item), target) != target:
                 free.append(item.name)
         if free:
             raise DataError(
@@ -515,44 +567,41 @@ def cache_latents(
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, list[torch.Tensor]]:
     """Encode every image once: the VAE posterior's mean and std, unflipped (and flipped if needed).
 
     Sampling a latent from ``mean + std * eps`` later (with the sample's own generator) gives the
-    same training data as encoding every step; only the VAE forward is saved.
+    same training data as encoding every step; only the VAE forward is saved. Images are encoded in
+    batches of one target size (one bucket) at a time.
 
     Args:
-        encode: ``pixel_values (B, 3, R, R) -> (mean, std)`` each ``(B, C, R/f, R/f)``.
+        encode: ``pixel_values (B, 3, H, W) -> (mean, std)`` each ``(B, C, H/f, W/f)``.
 
     Returns:
-        ``{"plain_mean", "plain_std"[, "flipped_mean", "flipped_std"]}`` each ``(N, C, R/f, R/f)`` float32 on the CPU.
+        ``{"plain_mean", "plain_std", "plain_time_ids", "flipped_mean", ...}``: per item (a list
+        indexed like the dataset) ``(C, H/f, W/f)`` float32 on the CPU, and its time ids (6,).
     """
     dataset.check_cacheable()
     kinds = ("plain", "flipped") if dataset.random_flip else ("plain",)
-    out: dict[str, list[torch.Tensor]] = {f"{k}_{s}": [] for k in kinds for s in ("mean", "std")}
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        indices = range(start, min(start + batch_size, n))
-        for kind in kinds:
-            pixels = torch.stack(
-                [
-                    preprocess_image(
-                        load_rgb(dataset.source[i].image, dataset.source[i].name),
-                        dataset.resolution,
-                        center_crop=True,
-                        flip=kind == "flipped",
-                    )
-                    for i in indices
-                ]
-            )
-            mean, std = encode(pixels)
-            out[f"{kind}_mean"].append(mean.float().cpu())
-            out[f"{kind}_std"].append(std.float().cpu())
-        if progress is not None:
-            progress(len(indices))
-    if dataset.random_flip is False:
-        out.update({"flipped_mean": out["plain_mean"], "flipped_std": out["plain_std"]})
-    return {k: torch.cat(v) for k, v in out.items()}
+    out: dict[str, list] = {f"{k}_{s}": [None] * len(dataset) for k in kinds for s in ("mean", "std", "time_ids")}
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(dataset)):
+        by_size.setdefault(dataset.target_size(i), []).append(i)
+    for size, members in by_size.items():
+        for start in range(0, len(members), batch_size):
+            indices = members[start : start + batch_size]
+            images = [load_rgb(dataset.source[i].image, dataset.source[i].name) for i in indices]
+            for kind in kinds:
+                crops = [crop_and_resize(image, size, center_crop=True, flip=kind == "flipped") for image in images]
+                mean, std = encode(torch.stack([pixels for pixels, _ in crops]))
+                for row, (i, (_, time_ids)) in enumerate(zip(indices, crops)):
+                    out[f"{kind}_mean"][i], out[f"{kind}_std"][i] = mean[row].float().cpu(), std[row].float().cpu()
+                    out[f"{kind}_time_ids"][i] = time_ids
+            if progress is not None:
+                progress(len(indices))
+    if not dataset.random_flip:
+        out.update({f"flipped_{s}": out[f"plain_{s}"] for s in ("mean", "std", "time_ids")})
+    return out
 
 
 class SampleKey(NamedTuple):

@@ -264,7 +264,8 @@ def test_cached_latents_equal_encoding_every_step(tmp_path, tokenize):
             mean, std = encode(p["pixel_values"][None])
             assert torch.allclose(c["latent_mean"], mean[0], atol=1e-6) and torch.allclose(c["latent_std"], std[0], atol=1e-6)
             assert torch.equal(c["input_ids"], p["input_ids"]) and "pixel_values" not in c
-    assert cache["plain_mean"].shape == (5, 4, 4, 4) and "flipped_mean" in cache
+            assert torch.equal(c["time_ids"], p["time_ids"])  # the same crop, recorded the same way
+    assert len(cache["plain_mean"]) == 5 and cache["plain_mean"][0].shape == (4, 4, 4) and "flipped_mean" in cache
 
 
 def test_cache_latents_refuses_random_crops_of_non_square_images(tmp_path, tokenize):
