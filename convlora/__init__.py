@@ -24,6 +24,7 @@ from convlora.inject import (
 from convlora.io import LoRAFileError, load_lora, read_safetensors, save_lora, write_safetensors
 from convlora.layers import Conv1d, Conv2d, Conv3d, GPT2Conv1D, Linear, LoRALayer
 from convlora.state import StateDictMismatchError, delta_weight
+from convlora.strength import get_lora_scale, lora_scale, set_lora_scale
 
 __version__ = "0.1.0"
 
@@ -42,16 +43,19 @@ __all__ = [
     "delta_weight",
     "disable_lora",
     "get_config",
+    "get_lora_scale",
     "inject_lora",
     "load_lora",
     "load_lora_state_dict",
     "lora_layers",
+    "lora_scale",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_and_unload",
     "plan_injection",
     "read_safetensors",
     "save_lora",
+    "set_lora_scale",
     "temporarily_unmerged",
     "unload",
     "write_safetensors",

@@ -74,7 +74,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from diffusers.optimization import get_scheduler  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
-from convlora import adapter_parameters, disable_lora, inject_lora, load_lora, mark_only_lora_as_trainable, save_lora  # noqa: E402
+from convlora import (  # noqa: E402
+    adapter_parameters,
+    disable_lora,
+    inject_lora,
+    load_lora,
+    lora_scale,
+    mark_only_lora_as_trainable,
+    save_lora,
+)
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
 from convlora.diffusion.families import Family, detect_family, family_from_configs  # noqa: E402
 from convlora.training.buckets import BucketBatchSampler, bucket_resolutions, check_bucket_args, select_bucket  # noqa: E402
@@ -294,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Denoising steps per validation image " + default("validation_inference_steps"))
     g.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="Classifier-free guidance scale at validation " + default("validation_guidance_scale"))
+    g.add_argument("--validation_lora_scale", type=float, default=1.0,
+                   help="LoRA strength of the validation samples (0 = the base, 1 = as trained); the saved files do not change.")
     g.add_argument("--validation_score_classes", type=str, nargs="+", default=None,
                    help="One Fashion-MNIST class per --validation_prompt ('-' to skip): report the share of its images the "
                         "classifier in examples/tiny-sd-fashion/classifier recognises as that class, base vs LoRA.")
@@ -334,6 +344,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "learning_rate", "text_encoder_lr", "text_encoder_2_lr", "lora_alpha", "conv_alpha", "snr_gamma", "adam_epsilon", "lr_power")),
     "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout", "adam_beta1", "adam_beta2")),
     "in [0, 1]": (lambda v: 0 <= v <= 1, ("caption_dropout",)),
+    "finite": (math.isfinite, ("validation_lora_scale",)),
 }
 
 
@@ -1050,7 +1061,10 @@ def run_validation(args, accelerator: Accelerator, models: Models, run: Run, fin
     try:
         # autocast: the prepared UNet returns float32 (accelerate's wrapper) to a half-precision VAE
         with accelerator.autocast():
-            lora_rows = sample_images(pipeline, args)
+            with contextlib.ExitStack() as stack:
+                for model in trained:
+                    stack.enter_context(lora_scale(model, args.validation_lora_scale))
+                lora_rows = sample_images(pipeline, args)
             if base_rows is None:
                 with contextlib.ExitStack() as stack:
                     for model in trained:

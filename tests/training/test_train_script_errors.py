@@ -58,6 +58,7 @@ def _fails(script, capsys, argv, code=1) -> str:
         ("learning_rate", "nan", "--learning_rate must be > 0, got nan"),
         ("lora_alpha", -4, "--lora_alpha must be > 0, got -4.0"),
         ("noise_offset", "inf", "--noise_offset must be >= 0, got inf"),
+        ("validation_lora_scale", "nan", "--validation_lora_scale must be finite, got nan"),
     ],
 )
 def test_argument_out_of_range_is_one_line_exit_2(script, capsys, tiny_base, toy_data, tmp_path, flag, value, message):
