@@ -1,7 +1,9 @@
-"""Fixtures for the training tests: a tiny SD pipeline folder and a small captioned image set."""
+"""Fixtures for the training tests: a tiny SD pipeline folder, a small captioned image set, the script as a module."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,15 @@ def mixed_aspect_data(tmp_path_factory) -> Path:
         (folder / f"{i:02d}.txt").write_text("a photo of a sks ball")
     return folder
 
+
+@pytest.fixture(scope="module")
+def script():
+    """The training script imported as a module (its functions, without launching it)."""
+    from train_script_helpers import SCRIPT
+
+    spec = importlib.util.spec_from_file_location("train_text_to_image_lora", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]

@@ -7,27 +7,15 @@ checkpoints here are written with the script's own file list and settings record
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 
 import pytest
 import torch
-from train_script_helpers import SCRIPT, script_args
+from train_script_helpers import script_args
 
 from convlora.training.checkpoints import save_checkpoint, write_state
 from convlora.training.data import write_toy_dataset
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image_lora_errors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
 
 
 def _fails(script, capsys, argv, code=1) -> str:
