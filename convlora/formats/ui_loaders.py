@@ -35,7 +35,7 @@ AUTOMATIC1111
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,16 @@ class LoaderView:
     misplaced: dict[str, str] = field(default_factory=dict)
     """Module name -> the other module it is applied to instead (A1111's SD-1.x numbering)."""
 
+    def add_scale(self, stem: str, alpha_key: str | None, rank: int, alphas: Mapping[str, float]) -> None:
+        """Record the scale both UIs apply: ``alpha / rank`` from the ``.alpha`` tensor, 1 without one;
+        an ``.alpha`` that is not one number is a part the loader cannot read (skipped)."""
+        if alpha_key is None:
+            self.scales[stem] = 1.0
+        elif alpha_key in alphas:
+            self.scales[stem] = alphas[alpha_key] / rank
+        else:
+            self.skipped.append(alpha_key)
+
 
 def group_keys(keys: Iterable[str], parts: Collection[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """``{stem: {part: key}}`` for keys ending in one of ``parts`` (longest first), and the rest."""
@@ -108,11 +118,7 @@ def comfyui_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], u
         if down is None or not comfyui_maps(stem, unet_names):
             view.skipped.append(stem)
             continue
-        alpha_key = parts.get(".alpha")
-        if alpha_key is not None and alpha_key not in alphas:  # not one number: the loader cannot read it
-            view.skipped.append(alpha_key)
-            continue
-        view.scales[stem] = alphas[alpha_key] / shapes[down][0] if alpha_key is not None else 1.0
+        view.add_scale(stem, parts.get(".alpha"), shapes[down][0], alphas)
     return view
 
 
@@ -200,11 +206,7 @@ def a1111_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], une
             continue
         if target != "":
             view.misplaced[stem] = target
-        alpha_key = parts.get("alpha")
-        if alpha_key is not None and alpha_key not in alphas:  # not one number: the loader cannot read it
-            view.skipped.append(alpha_key)
-            continue
-        view.scales[stem] = alphas[alpha_key] / shapes[down][0] if alpha_key is not None else 1.0
+        view.add_scale(stem, parts.get("alpha"), shapes[down][0], alphas)
     return view
 
 
