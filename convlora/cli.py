@@ -279,7 +279,7 @@ def _merge(args: argparse.Namespace) -> int:
     import convlora
     from convlora.diffusion import load_pipeline_lora
     from convlora.diffusion.pipeline import stored_dtypes
-    from convlora.io import replace_folder
+    from convlora.atomic import replace_folder
 
     from convlora.formats import read_lora_file
 

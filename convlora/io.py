@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from convlora import header as headers
+from convlora.atomic import replace_folder, write_file_atomic
 from convlora.config import LoRAConfig
 from convlora.errors import LoRAFileError
 from convlora.inject import (
@@ -47,7 +46,7 @@ RESERVED_KEYS = ("convlora_format", "convlora_config", "convlora_modules", "conv
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically: a temporary file in the same folder, then a rename.
+    """Write a safetensors file atomically (:func:`convlora.atomic.write_file_atomic`).
 
     A crash or an error part-way leaves no file (or the previous file) at ``path``, never half of one.
     Non-finite tensors are refused before anything is written. A failed write (a full disk, which
@@ -55,71 +54,15 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     """
     path = Path(path)
     check_finite(tensors, source=f"tensors for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def save(tmp: Path) -> None:
         try:
             save_file(prepared, tmp, metadata=dict(metadata) if metadata else None)
         except SafetensorError as err:
             raise OSError(f"could not write {path}: {err}") from err
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
-
-def replace_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a whole folder atomically: ``write(tmp)`` fills a temporary sibling, which then takes ``path``'s place.
-
-    Files already in ``path`` that ``write`` does not produce (a README, other models) are carried
-    over. An error (a full disk, a failing ``write``) removes the temporary folder and leaves ``path``
-    as it was; a crash leaves at most a hidden ``.<name>.*.tmp`` sibling, never a half-written ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700; give the usual folder mode
-        if path.exists():
-            _carry_over(path, tmp)
-            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _carry_over(src: Path, dst: Path) -> None:
-    """Copy into ``dst`` every entry of ``src`` that ``dst`` lacks (folders present in both: recursively)."""
-    for entry in src.iterdir():
-        target = dst / entry.name
-        if entry.is_dir() and not entry.is_symlink():
-            if target.is_dir():
-                _carry_over(entry, target)
-            elif not target.exists():
-                shutil.copytree(entry, target, symlinks=True)
-        elif not target.exists():
-            shutil.copy2(entry, target, follow_symlinks=False)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return write_file_atomic(path, save)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -25,7 +25,8 @@ from collections.abc import Mapping
 import torch
 
 from convlora import header as headers
-from convlora.formats.peft import alpha_for, lora_config_kwargs, pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.peft import alpha_for, lora_config_kwargs
 from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, nested_clip_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"

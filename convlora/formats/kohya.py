@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 
 from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
-from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
 from convlora.header import json_entry, tensor_alpha
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from convlora.config import LoRAConfig
-from convlora.formats.peft import pair_modules, raise_on_leftovers, split_lora_keys
+from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
 from convlora.header import header_config, module_table
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS

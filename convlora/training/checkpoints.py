@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from convlora.atomic import apply_umask, fsync_dir, write_text_atomic
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
 
@@ -243,8 +244,8 @@ def save_checkpoint(
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         marker = {"format": FORMAT_VERSION, "step": step, "files": files, **(info or {})}
         write_json(tmp / MARKER, marker)
-        _apply_umask(tmp)
-        _fsync_dir(tmp)
+        apply_umask(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # Same step saved before (a run restarted from scratch in the same folder): swap it out.
             old = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}.old-", dir=root))
@@ -253,7 +254,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(final, err) from err
@@ -323,46 +324,8 @@ def _tmp_step(path: Path) -> int | None:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temporary file + fsync + rename); non-finite floats are refused."""
-    path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give ``folder`` and its files the permissions a plain mkdir / open would have had
-    (temporary files and folders are created private, 0600 / 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write JSON atomically (:func:`convlora.atomic.write_text_atomic`); non-finite floats are refused."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 # ---- state dicts without pickle -----------------------------------------------------------------
