@@ -277,10 +277,9 @@ def _merge(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
 
     import convlora
+    from convlora.atomic import replace_folder
     from convlora.diffusion import load_pipeline_lora
     from convlora.diffusion.pipeline import stored_dtypes
-    from convlora.atomic import replace_folder
-
     from convlora.formats import read_lora_file
 
     source, out = Path(args.pipeline), Path(args.out)
