@@ -107,7 +107,6 @@ from convlora.training.data import (  # noqa: E402
     epoch_loader,
     image_size,
     load_hf_source,
-    read_image_folder,
     sample_seed,
     write_toy_dataset,
 )
@@ -127,36 +126,63 @@ from convlora.training.precision import (  # noqa: E402
     weight_dtype_for,
 )
 from convlora.training.preflight import check_output_dir, check_resolution  # noqa: E402
+from convlora.training.prior import (  # noqa: E402
+    ClassImageSettings,
+    PriorPairs,
+    check_class_cache,
+    check_prior_args,
+    class_image_source,
+    collate_pairs,
+    generate_class_images,
+    prior_loss,
+)
+from convlora.training.repeats import is_repeat_layout, read_training_folder, repeat_counts  # noqa: E402
 
 logger = get_logger(__name__, log_level="INFO")
 
 EMBEDDED_BASE = REPO / "examples" / "tiny-sd-fashion"
 EMBEDDED_DATA = REPO / "examples" / "sks-bag"
 EMBEDDED_CONCEPT = "a photo of a sks bag"
-#: The no-argument run: the new concept plus two classes the base already knows (to show drift).
-EMBEDDED_PROMPTS = [EMBEDDED_CONCEPT, "a photo of a trouser", "a photo of a sneaker"]
-EMBEDDED_SCORE_CLASSES = ["bag", "trouser", "sneaker"]
+#: The nine Fashion-MNIST classes the tiny base was trained on (bag is held out: it is the new concept).
+KNOWN_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "ankle boot"]
+#: The no-argument run: the new concept plus every class the base already knows (the drift panel).
+EMBEDDED_PROMPTS = [EMBEDDED_CONCEPT, *(f"a photo of a {c}" for c in KNOWN_CLASSES)]
+EMBEDDED_SCORE_CLASSES = ["bag", *KNOWN_CLASSES]
+#: The no-argument run's prior preservation: real images of every known class in kohya folders
+#: (``train_scripts/write_fashion_reg_images.py``); while absent, generated ones of these prompts.
+EMBEDDED_REG = REPO / "examples" / "fashion-reg"
+EMBEDDED_CLASS_PROMPTS = [f"a photo of a {c}" for c in KNOWN_CLASSES]
 
 #: Defaults that depend on the run: (with your own model/data, with the embedded default).
 MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "resolution": (512, 32),
-    "train_batch_size": (16, 8),
+    "train_batch_size": (16, 4),
     "num_train_epochs": (100, 100),
     "max_train_steps": (None, 600),
-    "learning_rate": (1e-4, 1e-3),
+    "learning_rate": (1e-4, 2e-3),
     "lr_scheduler": ("constant", "cosine"),
     "lr_warmup_steps": (500, 20),
     "rank": (4, 8),
     "center_crop": (False, True),
     "random_flip": (False, True),
     "validation_epochs": (1, 1000),
-    "num_validation_images": (4, 16),
+    "num_validation_images": (4, 32),
     "validation_guidance_scale": (7.5, 4.0),
     "validation_inference_steps": (30, 50),
+    "validation_scheduler": (None, "ddpm"),
     "checkpointing_steps": (500, 1000),
     "seed": (None, 0),
+    "with_prior_preservation": (False, True),
+    "num_class_images": (100, 32),
+    "prior_loss_weight": (1.0, 1.0),
+    "sample_batch_size": (4, 32),
     "output_dir": ("out/text-to-image-lora", "out/sks-bag-lora"),
 }
+
+
+#: --validation_scheduler choices: the diffusers scheduler class of each.
+VALIDATION_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+                         "euler_a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -247,8 +273,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
+    g = p.add_argument_group("prior preservation (DreamBooth)")
+    g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
+                   help="Train every batch on as many class images as instance images; loss = instance loss + "
+                        "--prior_loss_weight x class loss, so the base's knowledge of the class is kept " + default("with_prior_preservation"))
+    g.add_argument("--class_data_dir", type=str, default=None,
+                   help="Cache of generated class images (made by the frozen base when missing, with a class_images.json "
+                        "of their settings; a cache from other settings is an error). Embedded run: <output_dir>/class_images.")
+    g.add_argument("--class_prompt", type=str, nargs="+", default=None,
+                   help="Prompt(s) of the class images, --num_class_images each. Embedded run: the nine known classes.")
+    g.add_argument("--num_class_images", type=int, default=None, help="Class images per class prompt " + default("num_class_images"))
+    g.add_argument("--prior_loss_weight", type=float, default=None, help="Weight of the class loss " + default("prior_loss_weight"))
+    g.add_argument("--class_inference_steps", type=int, default=None,
+                   help="Sampler steps of a generated class image. Omitted: --validation_inference_steps.")
+    g.add_argument("--class_guidance_scale", type=float, default=None,
+                   help="Guidance scale of a generated class image. Omitted: --validation_guidance_scale.")
+    g.add_argument("--class_seed", type=int, default=0,
+                   help="Seed of the generated class images (image i of a prompt always from the same seed), apart from "
+                        "--seed so that runs with other seeds share one cache.")
+    g.add_argument("--sample_batch_size", type=int, default=None, help="Class images per pipeline call " + default("sample_batch_size"))
+    g.add_argument("--reg_data_dir", type=str, default=None,
+                   help="Class (regularisation) images of your own instead of generated ones: kohya N_name folders "
+                        "(or a captioned folder); needs --with_prior_preservation.")
+
     g = p.add_argument_group("training")
-    g.add_argument("--train_batch_size", type=int, default=None, help="Batch size per process " + default("train_batch_size"))
+    g.add_argument("--train_batch_size", type=int, default=None,
+                   help="Batch size per process (with prior preservation: instance images, plus as many class images) "
+                        + default("train_batch_size"))
     g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, unless --max_train_steps is set " + default("num_train_epochs"))
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs " + default("max_train_steps"))
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
@@ -300,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps (instead of epochs).")
     g.add_argument("--validation_inference_steps", type=int, default=None,
                    help="Denoising steps per validation image " + default("validation_inference_steps"))
+    g.add_argument("--validation_scheduler", type=str, default=None, choices=sorted(VALIDATION_SCHEDULERS),
+                   help="Sampler of the validation images (" + ", ".join(f"{k} = {v}" for k, v in VALIDATION_SCHEDULERS.items())
+                        + ") " + default("validation_scheduler") + "; None: the pipeline folder's own.")
     g.add_argument("--validation_guidance_scale", type=float, default=None,
                    help="Classifier-free guidance scale at validation " + default("validation_guidance_scale"))
     g.add_argument("--validation_lora_scale", type=float, default=1.0,
@@ -321,6 +375,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.validation_prompt = list(EMBEDDED_PROMPTS)
         if args.validation_score_classes is None and (EMBEDDED_BASE / "classifier" / "model.safetensors").is_file():
             args.validation_score_classes = list(EMBEDDED_SCORE_CLASSES)
+    if args.embedded and args.with_prior_preservation and args.reg_data_dir is None:
+        if args.class_prompt is None and args.class_data_dir is None and EMBEDDED_REG.is_dir():
+            args.reg_data_dir = str(EMBEDDED_REG)
+        else:
+            args.class_prompt = args.class_prompt or list(EMBEDDED_CLASS_PROMPTS)
+            args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class_images"))
+    args.class_inference_steps = args.class_inference_steps or args.validation_inference_steps
+    if args.class_guidance_scale is None:
+        args.class_guidance_scale = args.validation_guidance_scale
     if args.validation_score_classes is not None and len(args.validation_score_classes) != len(args.validation_prompt or []):
         p.error("--validation_score_classes needs one class (or '-') per --validation_prompt")
     problem = argument_problem(args)
@@ -336,10 +399,10 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "resolution", "rank", "conv_rank",
         "max_train_steps", "num_train_epochs", "checkpoints_total_limit", "max_train_samples", "lr_num_cycles",
         "max_consecutive_nonfinite_steps", "validation_steps", "validation_epochs", "num_validation_images",
-        "validation_inference_steps")),
+        "validation_inference_steps", "num_class_images", "class_inference_steps", "sample_batch_size")),
     ">= 0": (lambda v: 0 <= v < math.inf, (
         "lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm", "adam_weight_decay",
-        "validation_guidance_scale")),
+        "validation_guidance_scale", "prior_loss_weight", "class_guidance_scale")),
     "> 0": (lambda v: 0 < v < math.inf, (
         "learning_rate", "text_encoder_lr", "text_encoder_2_lr", "lora_alpha", "conv_alpha", "snr_gamma", "adam_epsilon", "lr_power")),
     "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout", "adam_beta1", "adam_beta2")),
@@ -361,12 +424,34 @@ def argument_problem(args: argparse.Namespace) -> str | None:
                          conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
     except ValueError as err:
         return f"--unet_preset {args.unet_preset}: {err}"
-    if args.enable_bucket:
-        try:
+    try:
+        if args.enable_bucket:
             check_bucket_args(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
-        except ValueError as err:
-            return str(err)
+        check_prior_args(bool(args.with_prior_preservation), args.class_data_dir, args.class_prompt, args.reg_data_dir,
+                         args.enable_bucket)
+    except ValueError as err:
+        return str(err)
     return None
+
+
+def prior_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The prior-preservation flags a checkpoint records and a resumed run must repeat (and the file
+    metadata shows); empty without --with_prior_preservation."""
+    if not args.with_prior_preservation:
+        return {}
+    settings = {"--with_prior_preservation": True, "--prior_loss_weight": args.prior_loss_weight}
+    if args.reg_data_dir is not None:
+        settings["--reg_data_dir"] = str(args.reg_data_dir)
+    else:
+        settings.update({"--class_prompt": list(args.class_prompt), "--num_class_images": args.num_class_images,
+                         "--class_inference_steps": args.class_inference_steps,
+                         "--class_guidance_scale": args.class_guidance_scale, "--class_seed": args.class_seed})
+    return settings
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a checkpoint records and a resume checks: the adapter's and the prior's settings."""
+    return {**adapter_settings(args), **prior_settings(args)}
 
 
 def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -426,6 +511,8 @@ class Run:
     checkpoints: list[Path] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     base_rows: list | None = None
+    base_scores: dict = field(default_factory=dict)
+    """The base model's concept scores, computed once (with its images, at the first validation)."""
     scores: dict = field(default_factory=dict)
 
     @property
@@ -503,7 +590,7 @@ def check_resolution_fits(args: argparse.Namespace) -> None:
 def check_resume_fits(args: argparse.Namespace, resume_dir: Path) -> None:
     """A resumed run repeats the checkpoint's adapter settings and seed (taken from it when omitted),
     and does not stop before the checkpoint's step."""
-    check_settings(resume_dir, adapter_settings(args))
+    check_settings(resume_dir, run_settings(args))
     progress = read_state(resume_dir, "progress")
     if args.seed is not None and args.seed != progress["seed"]:
         raise CheckpointError(f"{resume_dir} was trained with --seed {progress['seed']}, not {args.seed}")
@@ -533,6 +620,54 @@ def prepare_embedded_default(args: argparse.Namespace, is_main: bool) -> None:
                 write_toy_dataset(stand_in, n=32, size=args.resolution, caption=EMBEDDED_CONCEPT)
             args.train_data_dir = str(stand_in)
             logger.warning(f"{EMBEDDED_DATA} not found: using {stand_in} (generated discs captioned {EMBEDDED_CONCEPT!r})")
+
+def class_image_settings(args: argparse.Namespace) -> ClassImageSettings:
+    """What decides the pixels of the generated class images (recorded in --class_data_dir)."""
+    path = Path(args.pretrained_model_name_or_path)
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    weights = sorted(path.glob("unet/*.safetensors")) + sorted(path.glob("unet/*.bin")) if path.is_dir() else []
+    name = str(args.pretrained_model_name_or_path)
+    if path.is_dir() and path.resolve().is_relative_to(REPO):  # the shipped base: the same wherever the checkout is
+        name = path.resolve().relative_to(REPO).as_posix()
+    base = {"name_or_path": name, "revision": args.revision, "variant": args.variant,
+            "scheduler": index.get("scheduler", [None, None])[1], "unet_weight_bytes": sum(w.stat().st_size for w in weights)}
+    return ClassImageSettings(tuple(args.class_prompt), args.resolution, args.class_inference_steps, args.class_guidance_scale,
+                              args.class_seed, args.sample_batch_size, base)
+
+
+def prepare_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Prior preservation: the missing class images, made by the frozen base pipeline (loaded on its
+    own, before any LoRA exists) on each machine's main process while the others wait."""
+    if not args.with_prior_preservation or args.reg_data_dir is not None:
+        return
+    settings = class_image_settings(args)
+    with accelerator.local_main_process_first():
+        if not accelerator.is_local_main_process:
+            return
+        counts = check_class_cache(args.class_data_dir, settings)
+        missing = sum(max(0, args.num_class_images - c) for c in counts)
+        if not missing:
+            return
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+            dtype=weight_dtype_for(accelerator.mixed_precision), **models_safety_off(args),
+        ).to(accelerator.device)
+        pipeline.set_progress_bar_config(disable=True)
+
+        def generate(prompts: list[str], generators: list[torch.Generator]) -> list[Image.Image]:
+            with torch.no_grad():
+                return pipeline(prompts, generator=generators, height=args.resolution, width=args.resolution,
+                                num_inference_steps=args.class_inference_steps, guidance_scale=args.class_guidance_scale).images
+
+        bar = tqdm(total=missing, desc="Generating class images")
+        generate_class_images(args.class_data_dir, settings, args.num_class_images, generate, progress=bar.update)
+        bar.close()
+        del pipeline
+
+
+def models_safety_off(args: argparse.Namespace) -> dict[str, Any]:
+    """SD pipelines from the hub load a safety checker unless told not to (SDXL has none)."""
+    return {} if pipeline_family(args).name == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 
 # ==== 2. models ==================================================================================
 
@@ -635,7 +770,7 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
         source = load_hf_source(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
                                 data_dir=args.train_data_dir, cache_dir=args.cache_dir)
     else:
-        source = read_image_folder(args.train_data_dir, caption_column=args.caption_column)
+        source = read_training_folder(args.train_data_dir, caption_column=args.caption_column)
     if args.max_train_samples is not None:
         source = ListSource([source[i] for i in range(min(args.max_train_samples, len(source)))], source.description)
     target_sizes = None
@@ -645,21 +780,21 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
         used = sorted(set(target_sizes))
         logger.info(f"{len(used)} of {len(buckets)} buckets used: " +
                     ", ".join(f"{w}x{h}: {target_sizes.count((w, h))}" for w, h in used))
-    dataset = TextImageDataset(
-        source, models.family.tokenize(models.tokenizers), args.resolution, center_crop=args.center_crop,
-        random_flip=args.random_flip, caption_dropout=args.caption_dropout, seed=args.seed, target_sizes=target_sizes,
-    )
+    def text_image_dataset(items, sizes=None, caption_dropout=args.caption_dropout) -> TextImageDataset:
+        return TextImageDataset(
+            items, models.family.tokenize(models.tokenizers), args.resolution, center_crop=args.center_crop,
+            random_flip=args.random_flip, caption_dropout=caption_dropout, seed=args.seed, target_sizes=sizes,
+        )
+
+    dataset = text_image_dataset(source, target_sizes)
+    parts = [dataset]
+    if args.with_prior_preservation:  # instance + class sample pairs (the class captions are never dropped)
+        dataset = PriorPairs(dataset, text_image_dataset(class_source(args), caption_dropout=0.0))
+        parts = list(dataset.parts())
     if args.cache_latents:
-        vae = models.vae
-
-        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            dist = vae.encode(pixels.to(accelerator.device, dtype=vae.dtype)).latent_dist
-            return dist.mean, dist.std
-
-        bar = tqdm(total=len(dataset), desc="Caching latents", disable=not accelerator.is_local_main_process)
-        dataset.use_cached_latents(cache_latents(dataset, encode, batch_size=args.train_batch_size, progress=bar.update))
-        bar.close()
-    common = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
+        for part in parts:
+            cache_dataset_latents(args, accelerator, models, part)
+    common = {"collate_fn": collate_pairs if args.with_prior_preservation else collate, "num_workers": args.dataloader_num_workers}
     if target_sizes is None:
         sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
         dataloader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.train_batch_size, **common)
@@ -667,6 +802,31 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
         sampler = BucketBatchSampler(target_sizes, args.train_batch_size, accelerator.num_processes, seed=args.seed)
         dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
     return dataset, dataloader
+
+
+def class_source(args: argparse.Namespace) -> ListSource:
+    """The class images of prior preservation: --reg_data_dir, or the generated ones."""
+    if args.reg_data_dir is not None:
+        return read_training_folder(args.reg_data_dir, caption_column=args.caption_column, flag="--reg_data_dir")
+    return class_image_source(args.class_data_dir, class_image_settings(args), args.num_class_images)
+
+
+def cache_dataset_latents(args, accelerator: Accelerator, models: Models, dataset: TextImageDataset) -> None:
+    """--cache_latents: encode every image of ``dataset`` with the VAE once."""
+    vae = models.vae
+
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = vae.encode(pixels.to(accelerator.device, dtype=vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    bar = tqdm(total=len(dataset), desc="Caching latents", disable=not accelerator.is_local_main_process)
+    dataset.use_cached_latents(cache_latents(dataset, encode, batch_size=args.train_batch_size, progress=bar.update))
+    bar.close()
+
+
+def instance_images(dataset) -> TextImageDataset:
+    """The instance part of the training set (all of it without prior preservation)."""
+    return dataset.instances if isinstance(dataset, PriorPairs) else dataset
 
 
 # ==== 4. optimizer, schedule, prepare, resume ====================================================
@@ -740,7 +900,7 @@ def resume_or_start(args: argparse.Namespace, accelerator: Accelerator, models: 
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-lora", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                               for k, v in vars(args).items()})
-    logger.info(f"***** Training: {len(run.dataloader.dataset)} images, {args.max_train_steps} steps ({args.num_train_epochs} epochs), "
+    logger.info(f"***** Training: {len(instance_images(run.dataloader.dataset))} images{prior_note(run.dataloader.dataset)}, {args.max_train_steps} steps ({args.num_train_epochs} epochs), "
                 f"batch {args.train_batch_size} per process x {accelerator.num_processes} processes x "
                 f"{args.gradient_accumulation_steps} accumulation = {run.total_batch}, mixed precision "
                 f"{accelerator.mixed_precision}, seed {args.seed} *****")
@@ -857,7 +1017,15 @@ def train_step(args, accelerator: Accelerator, models: Models, run: Run, batch: 
         # (d) predict and compare with the target (noise, velocity or x0)
         target = training_target(scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
         model_pred = run.unet(noisy_latents, draws.timesteps, **conditions, return_dict=False)[0]
-        loss = diffusion_loss(model_pred, target, draws.timesteps, alphas_cumprod, args.snr_gamma, models.prediction_type)
+
+        def loss_of(part: slice) -> torch.Tensor:
+            return diffusion_loss(model_pred[part], target[part], draws.timesteps[part], alphas_cumprod, args.snr_gamma,
+                                  models.prediction_type)
+
+        if "is_class" in batch:  # prior preservation: instance loss + prior_loss_weight * class loss
+            loss = prior_loss(loss_of, batch["is_class"], args.prior_loss_weight)
+        else:
+            loss = loss_of(slice(None))
         # (e) every process's loss, for the log and for the same skip decision everywhere
         window_losses.append(accelerator.gather(loss.detach().reshape(1)))
         accelerator.backward(loss)
@@ -913,7 +1081,7 @@ def maybe_checkpoint(args, accelerator: Accelerator, models: Models, run: Run) -
         if accelerator.is_main_process:
             path = save_checkpoint(args.output_dir, run.global_step,
                                    lambda folder: save_training_state(folder, accelerator, models, run),
-                                   total_limit=args.checkpoints_total_limit, info={"settings": adapter_settings(args)})
+                                   total_limit=args.checkpoints_total_limit, info={"settings": run_settings(args)})
             run.checkpoints.append(path)
             logger.info(f"Saved checkpoint {path}")
 
@@ -968,7 +1136,9 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
             "concept_scores": run.scores,
             "base_model": args.pretrained_model_name_or_path,
             "train_data": args.train_data_dir or args.dataset_name,
-            "num_train_images": len(run.dataloader.dataset),
+            "num_train_images": len(instance_images(run.dataloader.dataset)),
+            "prior_preservation": {**prior_settings(args), "num_class_images_used": len(run.dataloader.dataset.classes)}
+            if args.with_prior_preservation else None,
             "seconds": round(time.time() - started, 1),
             "outputs": {k: str(v) for k, v in run.outputs.items()},
         }
@@ -983,7 +1153,10 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
     """The header entries of the LoRA files: convlora's keys and kohya's ``ss_*`` spellings."""
     trained = models.trained_encoders
     te_lrs = {name: encoder_setting(args, name, "lr") for name in trained}
-    n_images = len(run.dataloader.dataset)
+    instances = instance_images(run.dataloader.dataset)
+    n_images = len(instances)
+    prior = args.with_prior_preservation
+    classes = run.dataloader.dataset.classes if prior else None
     return training_metadata(
         base_model=args.pretrained_model_name_or_path, unet_preset=args.unet_preset, rank=args.rank,
         alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
@@ -999,6 +1172,9 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
             "seed": args.seed, "prediction_type": models.prediction_type, "snr_gamma": args.snr_gamma,
             "noise_offset": args.noise_offset, "caption_dropout": args.caption_dropout,
             "enable_bucket": args.enable_bucket or None,
+            "with_prior_preservation": prior or None, "prior_loss_weight": args.prior_loss_weight if prior else None,
+            "class_prompt": args.class_prompt if prior else None,
+            "num_class_images": len(classes) if prior else None, "class_data": (args.reg_data_dir or args.class_data_dir) if prior else None,
         },
         kohya_extra={
             "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": te_lrs.get("text_encoder"),
@@ -1010,12 +1186,26 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
             "ss_cache_latents": args.cache_latents, "ss_flip_aug": args.random_flip, "ss_random_crop": not args.center_crop,
             "ss_network_dropout": args.lora_dropout, "ss_max_grad_norm": args.max_grad_norm,
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if args.use_8bit_adam else "torch.optim.AdamW",
-            "ss_dataset_dirs": {Path(args.train_data_dir or args.dataset_name).name: {"n_repeats": 1, "img_count": n_images}},
+            "ss_dataset_dirs": dataset_dirs(instances.source, args.train_data_dir or args.dataset_name),
+            **({"ss_prior_loss_weight": args.prior_loss_weight, "ss_num_reg_images": len(classes),
+                "ss_reg_dataset_dirs": dataset_dirs(classes.source, args.reg_data_dir or args.class_data_dir)} if prior else {}),
             "ss_enable_bucket": args.enable_bucket,
             **({"ss_min_bucket_reso": args.min_bucket_reso, "ss_max_bucket_reso": args.max_bucket_reso,
                 "ss_bucket_reso_steps": args.bucket_reso_steps} if args.enable_bucket else {}),
         },
     )
+
+
+def dataset_dirs(source, folder: str) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_dataset_dirs``: per image folder, its repeat count and number of images."""
+    if folder is not None and is_repeat_layout(folder):
+        return repeat_counts(source)
+    return {Path(folder).name: {"n_repeats": 1, "img_count": len(source)}}
+
+
+def prior_note(dataset) -> str:
+    """`` + N class images`` for the training log line (nothing without prior preservation)."""
+    return f" + {len(dataset.classes)} class images (prior preservation)" if isinstance(dataset, PriorPairs) else ""
 
 
 # ==== validation =================================================================================
@@ -1026,7 +1216,8 @@ def validation_pipeline(args, accelerator: Accelerator, models: Models, run: Run
     the folder's own sampling scheduler."""
     index_file = Path(args.pretrained_model_name_or_path, "model_index.json")
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    scheduler_class = getattr(diffusers, index.get("scheduler", [None, "DDPMScheduler"])[1], DDPMScheduler)
+    own = index.get("scheduler", [None, "DDPMScheduler"])[1]
+    scheduler_class = getattr(diffusers, VALIDATION_SCHEDULERS.get(args.validation_scheduler, own), DDPMScheduler)
     scheduler = scheduler_class.from_config(models.noise_scheduler.config)
     text_encoders = {name: accelerator.unwrap_model(model) for name, model in run.text_encoders.items()}
     return models.family.build_pipeline(models.vae, accelerator.unwrap_model(run.unet), text_encoders, models.tokenizers, scheduler)
@@ -1073,11 +1264,14 @@ def run_validation(args, accelerator: Accelerator, models: Models, run: Run, fin
     finally:
         for model in trained:
             model.train()
-    grid = make_grid(base_rows, lora_rows, args.validation_prompt, step)
+    run.base_scores = run.base_scores or concept_scores(args, base_rows)  # the base does not change: scored once
+    lora_scores = concept_scores(args, lora_rows)
+    scores = {cls: {"prompt": prompt, "base": run.base_scores[cls][1], "lora": score} for cls, (prompt, score) in lora_scores.items()}
+    notes = [score_note(scores, cls) for cls in (args.validation_score_classes or [None] * len(args.validation_prompt))]
+    grid = make_grid(base_rows, lora_rows, args.validation_prompt, step, shown=GRID_IMAGES_PER_PROMPT, notes=notes)
     grid_path = Path(args.output_dir, "validation", "final.png" if final else f"step-{step:06d}.png")
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(grid_path)
-    scores = concept_scores(args, base_rows, lora_rows)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
@@ -1088,23 +1282,37 @@ def run_validation(args, accelerator: Accelerator, models: Models, run: Run, fin
     return base_rows, lora_rows, grid_path, scores
 
 
-def concept_scores(args, base_rows, lora_rows) -> dict[str, dict[str, float]]:
-    """Share of each prompt's images the Fashion-MNIST classifier recognises as its class, base vs LoRA."""
+#: Images per prompt and side the validation grid shows (all of them are scored): one line each, so
+#: the concept and the nine known classes of the embedded run fit on one screen.
+GRID_IMAGES_PER_PROMPT = 8
+
+
+def concept_scores(args, rows) -> dict[str, tuple[str, float]]:
+    """``{class: (prompt, share)}``: the share of each prompt's images the Fashion-MNIST classifier
+    recognises as its class (prompts whose class is '-' are left out)."""
     if not args.validation_score_classes:
         return {}
     from convlora.diffusion.fashion import concept_score, load_classifier
 
     classifier = load_classifier(EMBEDDED_BASE / "classifier")
-    scores = {}
-    for prompt, cls, base, lora in zip(args.validation_prompt, args.validation_score_classes, base_rows, lora_rows):
-        if cls != "-":
-            scores[cls] = {"prompt": prompt, "base": concept_score(base, cls, classifier), "lora": concept_score(lora, cls, classifier)}
-    return scores
+    return {cls: (prompt, concept_score(images, cls, classifier))
+            for prompt, cls, images in zip(args.validation_prompt, args.validation_score_classes, rows) if cls != "-"}
 
 
-def make_grid(base_rows, lora_rows, prompts, step: int, per_line: int = 8) -> Image.Image:
+def score_note(scores: dict, cls: str | None) -> str:
+    """``"bag: base 0.03 -> LoRA 0.94"`` under a prompt of the grid (empty for an unscored prompt)."""
+    if cls not in scores:
+        return ""
+    return f"{cls}: base {scores[cls]['base']:.2f} -> LoRA {scores[cls]['lora']:.2f}"
+
+
+def make_grid(base_rows, lora_rows, prompts, step: int, per_line: int = 8, shown: int | None = None,
+              notes: list[str] | None = None) -> Image.Image:
     """For each prompt: the base model's images, a gap, the LoRA model's images (same seeds),
-    ``per_line`` images per side on a line (more images wrap onto further lines)."""
+    ``per_line`` images per side on a line (more images wrap onto further lines); only the first
+    ``shown`` of each side when given, and a note (its scores) under each prompt's label."""
+    base_rows, lora_rows = [row[:shown] for row in base_rows], [row[:shown] for row in lora_rows]
+    notes = notes or [""] * len(prompts)
     n = len(lora_rows[0])
     cols, lines = min(n, per_line), math.ceil(n / per_line)
     tile = max(lora_rows[0][0].width, 96)  # upscale tiny images so the grid is readable
@@ -1114,9 +1322,10 @@ def make_grid(base_rows, lora_rows, prompts, step: int, per_line: int = 8) -> Im
     draw = ImageDraw.Draw(grid)
     draw.text((label_w, 4), "base (no LoRA)", fill="black")
     draw.text((label_w + cols * tile + gap, 4), f"LoRA, step {step}", fill="black")
-    for r, (prompt, base, lora) in enumerate(zip(prompts, base_rows, lora_rows)):
+    for r, (prompt, base, lora, note) in enumerate(zip(prompts, base_rows, lora_rows, notes)):
         top = header + r * block
-        draw.text((4, top + lines * tile // 2 - 6), prompt[:34], fill="black")
+        draw.text((4, top + lines * tile // 2 - 12), prompt[:34], fill="black")
+        draw.text((4, top + lines * tile // 2 + 2), note[:34], fill="black")
         for side_x, images in ((label_w, base), (label_w + cols * tile + gap, lora)):
             for i, image in enumerate(images):
                 grid.paste(image.resize((tile, tile), Image.NEAREST), (side_x + (i % cols) * tile, top + (i // cols) * tile))
@@ -1131,6 +1340,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator, resume_dir = setup(args)                                   # 1. setup
     parallel = check_parallelism(accelerator, validating=bool(args.validation_prompt))
+    prepare_class_images(args, accelerator)                                 #    prior: class images
     models = load_models(args, accelerator)                                 # 2. models (+ LoRA)
     dataset, dataloader = build_data(args, accelerator, models)             # 3. data
     run = prepare_training(args, accelerator, models, dataset, dataloader,  # 4. optimizer, schedule,
