@@ -315,7 +315,10 @@ def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
     if shipped:
         assert s["train_data"] == str(REPO / "examples" / "sks-bag")
     if (REPO / "examples" / "tiny-sd-fashion" / "classifier" / "model.safetensors").is_file():
-        assert set(s["concept_scores"]) == {"bag", "trouser", "sneaker"}
+        assert set(s["concept_scores"]) == {"bag", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                            "sneaker", "ankle boot"}
+        assert s["prior_preservation"]["--reg_data_dir"] == str(REPO / "examples" / "fashion-reg")
+        assert s["prior_preservation"]["num_class_images_used"] == 288
         assert "concept score 'bag' ('a photo of a sks bag'): base" in output
     _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
     assert header["unet_preset"] == "full" and header["resolution"] == "32"
