@@ -82,3 +82,23 @@ def test_layer_breakdown_smoke_accounts_for_every_adapted_layer(bench, breakdown
 def test_layer_breakdown_refuses_an_unknown_preset(breakdown):
     with pytest.raises(SystemExit, match="unknown preset"):
         breakdown.main(["--smoke", "--preset", "everything"])
+
+
+@pytest.mark.slow
+def test_concept_ablation_smoke_runs_every_variant_at_matched_parameter_counts(tmp_path):
+    spec = importlib.util.spec_from_file_location("concept_ablation", BENCH.parent / "concept_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    out = tmp_path / "ablation.json"
+    report = ablation.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["trainable_parameters"] == report["trainable_parameters"] == {
+        "attn r43": 247_680, "attn-ff r20": 253_440, "full r8": 249_600, "full fine-tuning": 1_427_012}
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [
+        ("attn r43", 0), ("attn-ff r20", 0), ("full r8", 0), ("full fine-tuning", 0)]
+    known = {"t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "ankle boot"}
+    for run in report["runs"]:
+        assert set(run["scores"]) == known | {"bag"} and set(run["class_ratio"]) == known
+        assert 0 <= run["concept_score"] <= 1 and run["seconds"] > 0
+    # the fine-tuned UNet starts from the base: with 2 steps at lr 1e-4 its images are the base's, nearly
+    ft = report["runs"][-1]
+    assert ft["scores"]["bag"]["base"] == report["runs"][-2]["scores"]["bag"]["base"]

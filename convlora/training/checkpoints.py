@@ -162,7 +162,8 @@ def check_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
 
     Args:
         settings: flag name -> value, e.g. ``{"--lora_alpha": 4.0}``; a checkpoint that recorded no
-            settings (an older one) passes.
+            settings (an older one) passes. A flag recorded by the checkpoint but absent here (a
+            setting this run does not use, e.g. prior preservation) differs too.
 
     Raises:
         CheckpointError: naming each differing setting with both values.
@@ -170,8 +171,9 @@ def check_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
     recorded = read_marker(path).get("settings")
     if recorded is None:
         return
-    differ = [f"{name} {recorded.get(name)!r} (checkpoint) vs {value!r} (this run)"
-              for name, value in settings.items() if recorded.get(name) != value]
+    names = list(settings) + [name for name in recorded if name not in settings]
+    differ = [f"{name} {recorded.get(name)!r} (checkpoint) vs {settings.get(name)!r} (this run)"
+              for name in names if recorded.get(name) != settings.get(name)]
     if differ:
         raise CheckpointError(f"{path} was made with other settings: {'; '.join(differ)}. Resume with the "
                               "checkpoint's values, or start a new run in another --output_dir")

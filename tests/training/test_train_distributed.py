@@ -82,6 +82,25 @@ def test_two_process_ddp_equals_one_process_double_batch(tiny_base, toy_data, tm
     print(f"DDP vs 1 process: LoRA {diff:.2e}")
 
 
+def test_two_process_ddp_with_prior_preservation_equals_one_process_double_batch(tiny_base, toy_data, tmp_path):
+    # Each process trains its own instance and class samples; both runs generate their class images
+    # (the 2-process run on its main process while the other waits), which must come out the same.
+    prior = dict(with_prior_preservation=True, class_prompt=["a photo of a coat", "a photo of a shirt"], num_class_images=3,
+                 class_inference_steps=2, sample_batch_size=4, prior_loss_weight=0.5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    check_ok(launch(script_args(tiny_base, toy_data, one, train_batch_size=2, class_data_dir=one / "class", **COMMON, **prior)))
+    output = check_ok(launch(script_args(tiny_base, toy_data, two, train_batch_size=1, class_data_dir=two / "class",
+                                         **COMMON, **prior), num_processes=2))
+    assert output.count("Generating class images") >= 1 and "8 images + 6 class images (prior preservation)" in output
+    images = sorted(p.name for p in (one / "class").glob("*.png"))
+    assert images == [f"p{k:02d}-{i:05d}.png" for k in range(2) for i in range(3)]
+    assert all((one / "class" / name).read_bytes() == (two / "class" / name).read_bytes() for name in images)
+    diff = _assert_equals_reference(two, one)
+    assert summary(two)["prior_preservation"] == {**{f"--{k}": v for k, v in prior.items() if k != "sample_batch_size"},
+                                                  "--class_guidance_scale": 7.5, "--class_seed": 0, "num_class_images_used": 6}
+    print(f"DDP vs 1 process with prior preservation: LoRA {diff:.2e}")
+
+
 # ---- FSDP2 ---------------------------------------------------------------------------------------
 
 

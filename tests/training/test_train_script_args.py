@@ -42,3 +42,32 @@ def test_grid_layout(script):
     # 10 images per side wrap to 2 lines of 8; 96 px tiles; 220 px labels, 16 px gap, 22 px header, 8 px between prompts
     assert grid.size == (220 + 2 * 8 * 96 + 16, 22 + 2 * (2 * 96 + 8) - 8)
     assert grid.getpixel((220 + 8 * 96 + 16 + 96 + 5, 22 + 96 + 5)) == (9, 0, 0)  # LoRA side, image 9 = line 2, column 2
+
+
+def test_the_embedded_run_preserves_the_nine_known_classes(script):
+    args = script.parse_args([])
+    assert args.validation_score_classes == ["bag", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                             "sneaker", "ankle boot"]
+    assert args.validation_prompt[0] == "a photo of a sks bag" and args.validation_prompt[9] == "a photo of a ankle boot"
+    assert args.with_prior_preservation and args.reg_data_dir == str(script.EMBEDDED_REG) and args.class_prompt is None
+    assert script.run_settings(args) == {**script.adapter_settings(args), "--with_prior_preservation": True,
+                                         "--prior_loss_weight": 1.0, "--reg_data_dir": str(script.EMBEDDED_REG)}
+    generated = script.parse_args(["--class_data_dir", "c"])  # class images of the nine prompts, generated
+    assert generated.reg_data_dir is None and generated.class_prompt == script.EMBEDDED_CLASS_PROMPTS
+    assert script.prior_settings(generated) == {
+        "--with_prior_preservation": True, "--prior_loss_weight": 1.0, "--class_prompt": script.EMBEDDED_CLASS_PROMPTS,
+        "--num_class_images": 32, "--class_inference_steps": 50, "--class_guidance_scale": 4.0, "--class_seed": 0}
+    assert script.prior_settings(script.parse_args(["--no-with_prior_preservation"])) == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--with_prior_preservation", "--enable_bucket", "--min_bucket_reso", "16", "--bucket_reso_steps", "8"],
+     "--with_prior_preservation does not work with --enable_bucket yet"),
+    (["--no-with_prior_preservation", "--reg_data_dir", "r"], "--reg_data_dir is for prior preservation"),
+    (["--prior_loss_weight", "-1"], "--prior_loss_weight must be >= 0, got -1.0"),
+    (["--num_class_images", "0"], "--num_class_images must be >= 1, got 0"),
+])
+def test_prior_argument_errors(script, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    assert message in capsys.readouterr().err

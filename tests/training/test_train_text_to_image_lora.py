@@ -232,6 +232,40 @@ def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_the_prior_settings(tiny_base, tmp_path):
+    # 8 instance images in a "2_" folder (16 per epoch) + 3 regularisation images repeated 2x; batch 2 -> 8 steps
+    # per epoch, checkpoint-10 is in epoch 1. The prior settings are in the checkpoint and the files.
+    instances, reg = tmp_path / "instances" / "2_sks ball", tmp_path / "reg" / "2_a photo of a coat"
+    _wide_images(tmp_path / "wide")
+    instances.parent.mkdir()
+    shutil.copytree(tmp_path / "wide", instances, ignore=shutil.ignore_patterns("metadata.jsonl"))
+    reg.parent.mkdir()
+    shutil.copytree(tmp_path / "wide", reg, ignore=shutil.ignore_patterns("metadata.jsonl", "[3-7].png"))
+    common = dict(max_train_steps=12, checkpointing_steps=10, random_flip=True, caption_dropout=0.3, lr_scheduler="cosine",
+                  lr_warmup_steps=2, with_prior_preservation=True, reg_data_dir=tmp_path / "reg", prior_loss_weight=0.5,
+                  save_format=["native", "kohya"])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    output = check_ok(launch(script_args(tiny_base, instances.parent, straight, **common)))
+    assert "16 images + 6 class images (prior preservation), 12 steps (2 epochs)" in output
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    check_ok(launch(script_args(tiny_base, instances.parent, resumed, resume_from_checkpoint="checkpoint-10", **common)))
+    a, b = summary(straight), summary(resumed)
+    assert len(a["losses"]) == 12 and a["losses"] == b["losses"] and a["learning_rates"] == b["learning_rates"]
+    ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(resumed / "lora_convlora.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    _, header = read_safetensors(straight / "lora_kohya.safetensors")
+    assert (header["with_prior_preservation"], header["prior_loss_weight"], header["num_class_images"]) == ("True", "0.5", "6")
+    assert json.loads(header["ss_dataset_dirs"]) == {"2_sks ball": {"n_repeats": 2, "img_count": 8}}
+    assert json.loads(header["ss_reg_dataset_dirs"]) == {"2_a photo of a coat": {"n_repeats": 2, "img_count": 3}}
+    assert header["ss_num_train_images"] == "16" and header["ss_prior_loss_weight"] == "0.5"
+    for change, named in ((dict(prior_loss_weight=1.0), "--prior_loss_weight 0.5 (checkpoint) vs 1.0 (this run)"),
+                          (dict(with_prior_preservation=False, reg_data_dir=None), "--with_prior_preservation True (checkpoint) vs None")):
+        result = subprocess.run([sys.executable, str(SCRIPT), *script_args(tiny_base, instances.parent, resumed, **{
+            **common, **change, "resume_from_checkpoint": "checkpoint-10"})], capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert result.returncode == 1 and named in result.stderr, result.stderr[-2000:]
+
+
 def test_resume_path_that_does_not_exist_is_an_error(tiny_base, toy_data, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *script_args(tiny_base, toy_data, tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-5"))],
@@ -281,7 +315,10 @@ def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
     if shipped:
         assert s["train_data"] == str(REPO / "examples" / "sks-bag")
     if (REPO / "examples" / "tiny-sd-fashion" / "classifier" / "model.safetensors").is_file():
-        assert set(s["concept_scores"]) == {"bag", "trouser", "sneaker"}
+        assert set(s["concept_scores"]) == {"bag", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                            "sneaker", "ankle boot"}
+        assert s["prior_preservation"]["--reg_data_dir"] == str(REPO / "examples" / "fashion-reg")
+        assert s["prior_preservation"]["num_class_images_used"] == 288
         assert "concept score 'bag' ('a photo of a sks bag'): base" in output
     _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
     assert header["unet_preset"] == "full" and header["resolution"] == "32"
