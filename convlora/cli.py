@@ -146,8 +146,10 @@ def _add_lowrank_commands(commands) -> None:
                          help="output format (default: diffusers for pipelines, native for single models)")
     extract.add_argument("--min-diff", type=float, default=0.0,
                          help="skip modules whose weights differ by at most this (max |dW|; default 0: identical ones)")
-    extract.add_argument("--component", choices=_COMPONENT_CHOICES,
-                         help="single-model folders -> diffusers/kohya: which pipeline component they are")
+    extract.add_argument(
+        "--component", choices=_COMPONENT_CHOICES,
+        help="single-model folders -> diffusers/kohya: which pipeline component they are; pipelines -> peft: the one to keep",
+    )  # fmt: skip
     extract.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     merge_loras = commands.add_parser(
@@ -164,8 +166,10 @@ def _add_lowrank_commands(commands) -> None:
     merge_loras.add_argument("--rank", type=int, default=None, help="SVD every merged module to at most this rank")
     merge_loras.add_argument("--conv-rank", type=int, default=None, help="with --rank: rank of k x k convs (default: --rank)")
     merge_loras.add_argument("--format", choices=_FORMAT_CHOICES, default=None, help="output format (default: the first file's)")
-    merge_loras.add_argument("--component", choices=_COMPONENT_CHOICES,
-                             help="single-model inputs -> diffusers/kohya: which pipeline component they adapt")
+    merge_loras.add_argument(
+        "--component", choices=_COMPONENT_CHOICES,
+        help="single-model inputs -> diffusers/kohya: which pipeline component they adapt; pipelines -> peft: the one to keep",
+    )  # fmt: skip
     merge_loras.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

@@ -151,13 +151,13 @@ def check_same_architecture(base: nn.Module, tuned: nn.Module, component: str) -
     """
     ours, theirs = adaptable_modules(base), adaptable_modules(tuned)
     where = f"{component}." if component else ""
-    problems = [f"{where}{p} only in BASE" for p in ours if p not in theirs]
-    problems += [f"{where}{p} only in TUNED" for p in theirs if p not in ours]
-    problems += [
-        f"{where}{p}: BASE {type(m).__name__} {tuple(m.weight.shape)}, TUNED {type(theirs[p]).__name__} {tuple(theirs[p].weight.shape)}"
+    problems = [
+        f"{where}{p}: BASE {_describe(m)}, TUNED {_describe(theirs[p])}"
         for p, m in ours.items()
         if p in theirs and (type(m) is not type(theirs[p]) or m.weight.shape != theirs[p].weight.shape)
     ]
+    problems += [f"{where}{p} only in BASE" for p in ours if p not in theirs]
+    problems += [f"{where}{p} only in TUNED" for p in theirs if p not in ours]
     if problems:
         more = f" ... ({len(problems) - 6} more)" if len(problems) > 6 else ""
         raise LoRAFormatError("BASE and TUNED are different architectures: " + "; ".join(problems[:6]) + more)
@@ -193,42 +193,53 @@ def extract_lora(
     modules, report = {}, ExtractReport()
     for component, skeleton in skeletons.items():
         prefix = f"{component}." if component else ""
-        found = _extract_component(base_folders[component], tuned_folders[component], skeleton, rank, conv_rank, min_diff, report, prefix)
-        modules.update(found)
+        ranks = (rank, conv_rank, min_diff)
+        modules.update(_extract_component(base_folders[component], tuned_folders[component], skeleton, ranks, report, prefix))
     if not modules:
         raise LoRAFormatError(f"TUNED does not differ from BASE in any Linear / Conv weight (by more than --min-diff {min_diff:g})")
     return LoRAWeights(modules), report
 
 
 def _extract_component(
-    base: Path, tuned: Path, skeleton: nn.Module, rank: int, conv_rank: int, min_diff: float, report: ExtractReport, prefix: str
+    base: Path, tuned: Path, skeleton: nn.Module, settings: tuple[int, int, float], report: ExtractReport, prefix: str
 ) -> dict[str, LoRAModule]:
-    """The LoRA modules of one component, one module at a time; fills ``report``."""
+    """The LoRA modules of one component, one module at a time; fills ``report``.
+
+    ``settings`` is ``(rank, conv_rank, min_diff)``.
+    """
+    rank, conv_rank, min_diff = settings
     modules = {}
     with contextlib.ExitStack() as stack:
         base_reader, tuned_reader = _TensorReader(base, stack), _TensorReader(tuned, stack)
         weight_keys = set()
         for path, layer in adaptable_modules(skeleton).items():
-            key = _stored_key(base_reader, tuned_reader, f"{path}.weight")
-            weight_keys.add(key)
-            delta = tuned_reader.get(key).float() - base_reader.get(key).float()  # the layer's weight layout
+            base_key, tuned_key = _stored_key(base_reader, f"{path}.weight"), _stored_key(tuned_reader, f"{path}.weight")
+            weight_keys.update((base_key, tuned_key))
+            delta = tuned_reader.get(tuned_key).float() - base_reader.get(base_key).float()  # the layer's weight layout
             if tuple(delta.shape) != tuple(layer.weight.shape):
-                raise LoRAFormatError(f"{prefix}{path}: stored weight {tuple(delta.shape)}, its config says {tuple(layer.weight.shape)}")
+                raise LoRAFormatError(
+                    f"{prefix}{path}: stored weight {tuple(delta.shape)}, its config says {tuple(layer.weight.shape)}"
+                )
             if float(delta.abs().max()) <= min_diff:
                 report.skipped.append(prefix + path)
                 continue
-            modules[prefix + path], report.extracted[prefix + path] = _lora_of_delta(layer, delta, conv_rank if is_spatial_conv(layer) else rank)
+            k = conv_rank if is_spatial_conv(layer) else rank
+            modules[prefix + path], report.extracted[prefix + path] = _lora_of_delta(layer, delta, k)
         for key in sorted(set(base_reader.files) - weight_keys):
-            if key in tuned_reader.files and _max_difference(base_reader.get(key), tuned_reader.get(key)) > min_diff:
+            tuned_key = tuned_reader.key_of(key)
+            if tuned_key is not None and _max_difference(base_reader.get(key), tuned_reader.get(tuned_key)) > min_diff:
                 report.other_changed.append(prefix + key)
     return modules
 
 
-def _stored_key(base: _TensorReader, tuned: _TensorReader, key: str) -> str:
-    found = base.key_of(key)
-    if found is None or tuned.key_of(key) != found:
-        missing = base.folder if found is None else tuned.folder
-        raise LoRAFormatError(f"{missing} has no tensor {key} (or {nested_clip_path(key)}), which its config.json implies")
+def _describe(module: nn.Module) -> str:
+    return f"{type(module).__name__} {tuple(module.weight.shape)}"
+
+
+def _stored_key(reader: _TensorReader, key: str) -> str:
+    found = reader.key_of(key)
+    if found is None:
+        raise LoRAFormatError(f"{reader.folder} has no tensor {key} (or {nested_clip_path(key)}), which its config.json implies")
     return found
 
 
