@@ -32,7 +32,7 @@ from convlora.layers import LORA_CLASSES, conv_geometry_record, is_spatial_conv
 from convlora.lowrank import dense_svd, lora_from_svd
 from convlora.state import checked_rank
 
-__all__ = ["ExtractReport", "extract_lora", "model_folders"]
+__all__ = ["ExtractReport", "extract_lora", "lora_of_delta", "model_folders"]
 
 #: File names ``save_pretrained`` gives a model's weights (diffusers, transformers), and their shard indexes.
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -183,9 +183,7 @@ def extract_lora(
         raise ValueError(f"--min-diff must be a finite number >= 0, got {min_diff}")
     base_folders, tuned_folders = model_folders(base), model_folders(tuned)
     if base_folders.keys() != tuned_folders.keys():
-        raise LoRAFormatError(
-            f"BASE has components {sorted(base_folders) or ['(single model)']}, TUNED {sorted(tuned_folders) or ['(single model)']}"
-        )
+        raise LoRAFormatError(f"BASE has components {_kinds(base_folders)}, TUNED {_kinds(tuned_folders)}")
     skeletons = {}
     for component, folder in base_folders.items():
         skeletons[component] = build_skeleton(folder)
@@ -198,6 +196,10 @@ def extract_lora(
     if not modules:
         raise LoRAFormatError(f"TUNED does not differ from BASE in any Linear / Conv weight (by more than --min-diff {min_diff:g})")
     return LoRAWeights(modules), report
+
+
+def _kinds(folders: dict[str, Path]) -> str:
+    return "[] (a single model)" if "" in folders else str(sorted(folders))
 
 
 def _extract_component(
@@ -224,7 +226,7 @@ def _extract_component(
                 report.skipped.append(prefix + path)
                 continue
             k = conv_rank if is_spatial_conv(layer) else rank
-            modules[prefix + path], report.extracted[prefix + path] = _lora_of_delta(layer, delta, k)
+            modules[prefix + path], report.extracted[prefix + path] = lora_of_delta(layer, delta, k)
         for key in sorted(set(base_reader.files) - weight_keys):
             tuned_key = tuned_reader.key_of(key)
             if tuned_key is not None and _max_difference(base_reader.get(key), tuned_reader.get(tuned_key)) > min_diff:
@@ -251,7 +253,7 @@ def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((b.float() - a.float()).abs().max()) if a.numel() else 0.0
 
 
-def _lora_of_delta(layer: nn.Module, delta: torch.Tensor, rank: int) -> tuple[LoRAModule, float]:
+def lora_of_delta(layer: nn.Module, delta: torch.Tensor, rank: int) -> tuple[LoRAModule, float]:
     """The rank-``rank`` LoRA (alpha = its rank) of ``delta`` in ``layer``'s weight layout."""
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         matrix = delta  # (out, in) or (C_out, C_in/groups, *k)

@@ -283,3 +283,10 @@ def test_overwrite_replaces_out_in_place(lora_file, tmp_path, capsys):
     assert main(["resize", str(lora_file), str(out), "--rank", "2", "--overwrite"]) == 0
     assert read_lora_file(out)[1].most_common()[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]  # no temporary left
+
+
+def test_extract_refuses_a_pipeline_against_a_single_model(pipeline_dir, merged_dir, tmp_path, capsys):
+    assert main(["extract", str(pipeline_dir), str(merged_dir / "unet"), str(tmp_path / "x.safetensors"), "--rank", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "convlora extract: error: BASE has components ['text_encoder', 'unet'], TUNED [] (a single model)\n"
+    )

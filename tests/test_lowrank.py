@@ -187,3 +187,27 @@ def test_annotated_metadata_describes_the_new_tensors():
         metadata={"rank": "8", "alpha": "8", "ss_training_comment": "mine", "sshs_model_hash": "abc", "steps": "5"},
     )  # fmt: skip
     assert annotated(weights, "resized").metadata == {"rank": "2", "alpha": "2", "ss_training_comment": "resized; mine", "steps": "5"}
+
+
+# ---- extract's per-layer step ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "layer",
+    [torch.nn.Linear(40, 24), torch.nn.Conv1d(8, 16, 5), torch.nn.Conv2d(16, 32, 3), torch.nn.Conv2d(8, 12, 3, groups=4),
+     torch.nn.Conv3d(6, 8, 3), torch.nn.Conv2d(16, 32, 1)],
+    ids=["linear", "conv1d", "conv2d", "conv2d-groups4", "conv3d", "conv2d-1x1"],
+)  # fmt: skip
+def test_extract_step_is_the_best_rank_k_approximation(layer):
+    from convlora.extract import lora_of_delta
+    from convlora.state import delta_weight
+
+    g = torch.Generator().manual_seed(7)
+    delta = torch.randn(layer.weight.shape, generator=g)  # a full-rank difference in the layer's weight layout
+    module, retained = lora_of_delta(layer, delta, 3)
+    assert module.lora_A.shape == (3, *layer.weight.shape[1:])
+    assert module.lora_B.shape == (layer.weight.shape[0], 3, *(1,) * (layer.weight.dim() - 2)) and module.alpha == 3.0
+    matrix = delta.double().flatten(1).numpy()  # (C_out, C_in/groups * prod(k))
+    assert rel(delta_weight(module.lora_A, module.lora_B, 1.0).flatten(1).double().numpy(), best_rank(matrix, 3)) < 1e-4
+    s = np.linalg.svd(matrix, compute_uv=False)
+    assert retained == pytest.approx(math.sqrt((s[:3] ** 2).sum() / (s**2).sum()), rel=1e-5)
+    if getattr(layer, "groups", 1) > 1:
+        assert module.geometry == {"groups": 4, "dilation": [1, 1], "padding_mode": "zeros"}
