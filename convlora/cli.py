@@ -440,7 +440,7 @@ def _resize(args: argparse.Namespace) -> int:
     resized = annotated(resized, f"convlora resize from rank {old} {how}{conv}")
     for entry in report:
         print(f"{entry.path}: rank {entry.old_rank} -> {entry.new_rank}, Frobenius retained {entry.fro_retained:.2%}")
-    written = _write_output(resized, out, fmt, args.overwrite)
+    written = _write_output(resized, out, fmt)
     kept = sum(e.new_rank == e.old_rank for e in report)
     shares = [e.fro_retained for e in report]
     print(f"resized {len(report) - kept} of {len(report)} modules ({kept} kept as they were); Frobenius retained: "
@@ -458,14 +458,15 @@ def _extract(args: argparse.Namespace) -> int:
     out = _checked_output(args.dst, args.overwrite)
     weights, report = extract_lora(args.base, args.tuned, args.rank, args.conv_rank, args.min_diff)
     fmt = args.format or ("diffusers" if weights.components() else "native")
-    weights.metadata.update({"base_model": str(args.base), "rank": "", "alpha": ""})
-    if any(m.is_spatial_conv for m in weights.modules.values()):
-        weights.metadata.update({"conv_rank": "", "conv_alpha": ""})
+    rank, alpha, conv_rank, conv_alpha = weights.most_common()
+    weights.metadata.update({"base_model": str(args.base), "rank": str(rank), "alpha": f"{alpha:g}"})
+    if conv_rank is not None:
+        weights.metadata.update({"conv_rank": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"})
     weights = annotated(weights, f"convlora extract of {args.tuned} - {args.base}")
     weights = weights_for_format(weights, fmt, args.component, source="the extracted LoRA")
     for path, share in report.extracted.items():
         print(f"{path}: rank {_extracted_rank(weights, path, args.component)}, Frobenius retained {share:.2%}")
-    written = _write_output(weights, out, fmt, args.overwrite)
+    written = _write_output(weights, out, fmt)
     print(f"extracted {len(report.extracted)} modules; skipped {len(report.skipped)} with max|dW| <= {args.min_diff:g}")
     if report.other_changed:
         shown = ", ".join(report.other_changed[:5]) + (", ..." if len(report.other_changed) > 5 else "")
@@ -501,7 +502,7 @@ def _merge_loras(args: argparse.Namespace) -> int:
             if entry.new_rank != entry.old_rank:
                 print(f"{entry.path}: rank {entry.old_rank} -> {entry.new_rank}, Frobenius retained {entry.fro_retained:.2%}")
     merged = weights_for_format(annotated(merged, f"convlora merge-loras {how}"), fmt, args.component, source=files[0])
-    written = _write_output(merged, out, fmt, args.overwrite)
+    written = _write_output(merged, out, fmt)
     ranks = Counter(m.r for m in merged.modules.values())
     print(f"merged {len(files)} files into {len(merged.modules)} modules (rank " +
           ", ".join(f"{r} x{n}" for r, n in ranks.most_common()) + f") -> {written} ({fmt})")  # fmt: skip
@@ -536,8 +537,11 @@ def _merge_loras_operands(paths: list[str], weights: list[str] | None) -> tuple[
 
 
 def _check_rank(value: int | None, what: str) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value}")
+    """An optional rank argument, checked before any file is read."""
+    from convlora.state import checked_rank
+
+    if value is not None:
+        checked_rank(value, what)
 
 
 def _checked_output(path: str, overwrite: bool) -> Path:
@@ -548,7 +552,7 @@ def _checked_output(path: str, overwrite: bool) -> Path:
     return out
 
 
-def _write_output(weights, out: Path, fmt: str, overwrite: bool) -> Path:
+def _write_output(weights, out: Path, fmt: str) -> Path:
     """Write ``weights`` as ``fmt`` at ``out`` atomically: a file, or (PEFT) a whole folder renamed into place."""
     from convlora.atomic import replace_folder
     from convlora.formats import write_lora_file
