@@ -5,8 +5,8 @@
 
 Accuracy is against the best rank-k approximation (Eckart–Young) from a float64 full SVD:
 ``error = ‖ΔW_k(route) − ΔW_k(best)‖_F / ‖ΔW_k(best)‖_F``; the project's bound is 1e-4. Times are
-medians over rounds, all routes interleaved in one process; ``x_full`` is the ratio to the full
-float32 SVD of the dense matrix.
+medians over rounds, all routes interleaved in one process, one torch thread unless ``--threads``;
+``x_full`` is the ratio to the full float32 SVD of the dense matrix.
 
 * ``factored`` (a LoRA's ΔW = s·B@A, rank r): full SVD of the dense ΔW; ``svd_lowrank`` of the
   dense ΔW (q = k + 10, niter 2); convlora's QR-of-the-factors route
@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="small shapes, one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on the shared 2-core machine a second thread only waits)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rounds = 1 if args.smoke else args.rounds
     if args.smoke:
         cases = {"factored": factored_case(64, 64, 3, 16, 8, rounds), "dense": dense_case(64, 576, 8, rounds)}
