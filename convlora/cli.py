@@ -6,6 +6,9 @@
                      [--kohya-names ldm --base PIPELINE_DIR]
     convlora doctor LORA_FILE [--base PIPELINE_DIR]   which loaders accept the file, and why not
     convlora merge PIPELINE_DIR LORA_FILE OUT_DIR [--overwrite]   a pipeline folder with the LoRA merged in
+    convlora resize IN OUT --rank K [--conv-rank K2] [--dynamic sv_ratio|sv_fro|sv_cumulative --dynamic_param X]
+    convlora extract BASE TUNED OUT --rank K [--conv-rank K2] [--format F] [--min-diff X]
+    convlora merge-loras A B [...] [--weights wA wB ...] OUT [--rank K] [--format F]
 
 Errors print one line on stderr: exit status 2 for bad input (a file, header or argument that is
 not what it should be), 1 for an operating-system failure (permissions, a full disk).
@@ -93,7 +96,81 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true",
         help="replace OUT if it exists, even when it is the input pipeline (files the pipeline does not write are kept)",
     )  # fmt: skip
+    _add_lowrank_commands(commands)
     return parser
+
+
+_FORMAT_CHOICES = ("diffusers", "kohya", "native", "peft")
+_COMPONENT_CHOICES = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _add_lowrank_commands(commands) -> None:
+    """``resize``, ``extract`` and ``merge-loras``: SVD-based commands on neutral LoRA weights."""
+    resize = commands.add_parser(
+        "resize",
+        help="a LoRA at a lower rank: the best approximation of each module's update (SVD)",
+        description="Each module's W update (alpha/r) B A is replaced by its best rank-K approximation "
+        "(truncated SVD; modules already at rank <= K are kept exactly). The scaling alpha/r stays what it was, so "
+        "alpha becomes (alpha/r) K, as in kohya's resize_lora.py. OUT keeps IN's format and metadata, with a note "
+        "in ss_training_comment.",
+    )
+    resize.add_argument("src", metavar="IN", help="LoRA file or PEFT adapter folder")
+    resize.add_argument("dst", metavar="OUT", help="file (PEFT: folder) to write, in IN's format")
+    resize.add_argument("--rank", type=int, required=True, help="new rank (with --dynamic: the largest rank kept)")
+    resize.add_argument("--conv-rank", "--new_conv_rank", dest="conv_rank", type=int, default=None,
+                        help="new rank of k x k convs (default: --rank)")
+    resize.add_argument(
+        "--dynamic", "--dynamic_method", dest="dynamic", default=None,
+        help="choose each module's rank from its singular values, as kohya: sv_ratio (keep s_i > s_1/X), "
+        "sv_cumulative (sum of kept s_i >= X of the sum), sv_fro (Frobenius share >= X); kohya keeps one value more "
+        "than the criterion needs",
+    )  # fmt: skip
+    resize.add_argument("--dynamic_param", "--dynamic-param", dest="dynamic_param", type=float, default=None,
+                        help="X of --dynamic: a ratio >= 1 for sv_ratio, a fraction in (0, 1] otherwise")
+    resize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (even when it is IN)")
+
+    extract = commands.add_parser(
+        "extract",
+        help="a LoRA of the difference between a tuned model and its base (SVD per layer)",
+        description="For every Linear and Conv of BASE and TUNED (diffusers pipeline folders, or single models "
+        "saved with save_pretrained), the best rank-K approximation of W_tuned - W_base, alpha = K. Weights are "
+        "read from safetensors one tensor at a time. Modules with max|W_tuned - W_base| <= --min-diff are skipped "
+        "and counted; tensors a LoRA cannot carry (biases, norms, embeddings) that differ are counted too.",
+    )
+    extract.add_argument("base", metavar="BASE", help="base model: pipeline folder or save_pretrained model folder")
+    extract.add_argument("tuned", metavar="TUNED", help="tuned model of the same architecture")
+    extract.add_argument("dst", metavar="OUT", help="LoRA file (PEFT: folder) to write")
+    extract.add_argument("--rank", type=int, required=True, help="rank of Linear and 1x1-conv modules")
+    extract.add_argument("--conv-rank", type=int, default=None, help="rank of k x k convs (default: --rank)")
+    extract.add_argument("--format", choices=_FORMAT_CHOICES, default=None,
+                         help="output format (default: diffusers for pipelines, native for single models)")
+    extract.add_argument("--min-diff", type=float, default=0.0,
+                         help="skip modules whose weights differ by at most this (max |dW|; default 0: identical ones)")
+    extract.add_argument(
+        "--component", choices=_COMPONENT_CHOICES,
+        help="single-model folders -> diffusers/kohya: which pipeline component they are; pipelines -> peft: the one to keep",
+    )  # fmt: skip
+    extract.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    merge_loras = commands.add_parser(
+        "merge-loras",
+        help="one LoRA equal to a weighted sum of LoRAs (exact, or SVD to --rank)",
+        description="OUT's update is sum_i w_i dW_i exactly: ranks are concatenated and each file's alpha/r "
+        "(or alpha/sqrt(r) with rsLoRA) is folded into its B. A module in one file only is carried with its weight; "
+        "a weight of 0 drops that file's modules; negative weights subtract. --rank K then keeps the best rank-K "
+        "approximation of every module with a larger rank.",
+    )
+    merge_loras.add_argument("paths", metavar="FILE", nargs="*", help="the LoRA files (any formats), then OUT")
+    merge_loras.add_argument("--weights", nargs="+", default=None, metavar="W",
+                             help="one weight per file (default 1 each)")
+    merge_loras.add_argument("--rank", type=int, default=None, help="SVD every merged module to at most this rank")
+    merge_loras.add_argument("--conv-rank", type=int, default=None, help="with --rank: rank of k x k convs (default: --rank)")
+    merge_loras.add_argument("--format", choices=_FORMAT_CHOICES, default=None, help="output format (default: the first file's)")
+    merge_loras.add_argument(
+        "--component", choices=_COMPONENT_CHOICES,
+        help="single-model inputs -> diffusers/kohya: which pipeline component they adapt; pipelines -> peft: the one to keep",
+    )  # fmt: skip
+    merge_loras.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"inspect": _inspect, "convert": _convert, "doctor": _doctor, "merge": _merge}[args.command]
+    handler = {"inspect": _inspect, "convert": _convert, "doctor": _doctor, "merge": _merge, "resize": _resize,
+               "extract": _extract, "merge-loras": _merge_loras}[args.command]  # fmt: skip
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:
@@ -343,6 +421,147 @@ def _cast_to_stored_dtypes(pipe, dtypes: dict, info: dict) -> None:
                 tensor.data = tensor.data.to(stored[key])
         merged = {f"{name}.{p}.weight": component.get_submodule(p).weight for p in info.get(name) or []}
         check_finite(merged, source=f"the merged {name} in its stored dtype")
+
+
+# ---- resize / extract / merge-loras --------------------------------------------------------------
+def _resize(args: argparse.Namespace) -> int:
+    from convlora.formats import read_lora_file
+    from convlora.lowrank import annotated, check_dynamic, resize_lora
+
+    _check_rank(args.rank, "--rank")
+    _check_rank(args.conv_rank, "--conv-rank")
+    check_dynamic(args.dynamic, args.dynamic_param)
+    out = _checked_output(args.dst, args.overwrite)
+    fmt, weights = read_lora_file(args.src)
+    resized, report = resize_lora(weights, args.rank, args.conv_rank, args.dynamic, args.dynamic_param)
+    old = max(m.r for m in weights.modules.values())
+    how = f"dynamic {args.dynamic} {args.dynamic_param:g}, at most rank {args.rank}" if args.dynamic else f"to rank {args.rank}"
+    conv = f" (k x k convs {args.conv_rank})" if args.conv_rank not in (None, args.rank) else ""
+    resized = annotated(resized, f"convlora resize from rank {old} {how}{conv}")
+    for entry in report:
+        print(f"{entry.path}: rank {entry.old_rank} -> {entry.new_rank}, Frobenius retained {entry.fro_retained:.2%}")
+    written = _write_output(resized, out, fmt)
+    kept = sum(e.new_rank == e.old_rank for e in report)
+    shares = [e.fro_retained for e in report]
+    print(f"resized {len(report) - kept} of {len(report)} modules ({kept} kept as they were); Frobenius retained: "
+          f"mean {sum(shares) / len(shares):.2%}, min {min(shares):.2%}; {args.src} ({fmt}) -> {written}")  # fmt: skip
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from convlora.extract import extract_lora
+    from convlora.formats import weights_for_format
+    from convlora.lowrank import annotated
+
+    _check_rank(args.rank, "--rank")
+    _check_rank(args.conv_rank, "--conv-rank")
+    out = _checked_output(args.dst, args.overwrite)
+    weights, report = extract_lora(args.base, args.tuned, args.rank, args.conv_rank, args.min_diff)
+    fmt = args.format or ("diffusers" if weights.components() else "native")
+    rank, alpha, conv_rank, conv_alpha = weights.most_common()
+    weights.metadata.update({"base_model": str(args.base), "rank": str(rank), "alpha": f"{alpha:g}"})
+    if conv_rank is not None:
+        weights.metadata.update({"conv_rank": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"})
+    weights = annotated(weights, f"convlora extract of {args.tuned} - {args.base}")
+    weights = weights_for_format(weights, fmt, args.component, source="the extracted LoRA")
+    for path, share in report.extracted.items():
+        print(f"{path}: rank {_extracted_rank(weights, path, args.component)}, Frobenius retained {share:.2%}")
+    written = _write_output(weights, out, fmt)
+    print(f"extracted {len(report.extracted)} modules; skipped {len(report.skipped)} with max|dW| <= {args.min_diff:g}")
+    if report.other_changed:
+        shown = ", ".join(report.other_changed[:5]) + (", ..." if len(report.other_changed) > 5 else "")
+        print(f"{len(report.other_changed)} other tensor(s) differ, which a LoRA cannot carry: {shown}")
+    print(f"{args.tuned} - {args.base} -> {written} ({fmt})")
+    return 0
+
+
+def _extracted_rank(weights, path: str, component: str | None) -> int:
+    """The rank of ``path`` (an extract path, before ``--component`` may have prefixed it)."""
+    module = weights.modules.get(path) or weights.modules[f"{component}.{path}"]
+    return module.r
+
+
+def _merge_loras(args: argparse.Namespace) -> int:
+    from convlora.formats import read_lora_file, weights_for_format
+    from convlora.lowrank import annotated, merge_loras, resize_lora
+
+    files, factors, out = _merge_loras_operands(args.paths, args.weights)
+    _check_rank(args.rank, "--rank")
+    _check_rank(args.conv_rank, "--conv-rank")
+    if args.conv_rank is not None and args.rank is None:
+        raise ValueError("--conv-rank needs --rank")
+    out = _checked_output(out, args.overwrite)
+    read = [read_lora_file(f) for f in files]
+    fmt = args.format or read[0][0]
+    merged = merge_loras([(w, factor) for (_, w), factor in zip(read, factors)], sources=files)
+    how = " + ".join(f"{factor:g} x {f}" for f, factor in zip(files, factors))
+    if args.rank is not None:
+        merged, report = resize_lora(merged, args.rank, args.conv_rank)
+        how += f", SVD to rank {args.rank}" + (f" (k x k convs {args.conv_rank})" if args.conv_rank else "")
+        for entry in report:
+            if entry.new_rank != entry.old_rank:
+                print(f"{entry.path}: rank {entry.old_rank} -> {entry.new_rank}, Frobenius retained {entry.fro_retained:.2%}")
+    merged = weights_for_format(annotated(merged, f"convlora merge-loras {how}"), fmt, args.component, source=files[0])
+    written = _write_output(merged, out, fmt)
+    ranks = Counter(m.r for m in merged.modules.values())
+    print(f"merged {len(files)} files into {len(merged.modules)} modules (rank " +
+          ", ".join(f"{r} x{n}" for r, n in ranks.most_common()) + f") -> {written} ({fmt})")  # fmt: skip
+    return 0
+
+
+def _merge_loras_operands(paths: list[str], weights: list[str] | None) -> tuple[list[str], list[float], str]:
+    """``(input files, their weights, OUT)`` from ``FILE... [--weights W...] OUT``.
+
+    ``--weights`` takes values up to the first that is not a number: the rest (OUT) are paths.
+    """
+    import math
+
+    paths, values = list(paths), []
+    for i, token in enumerate(weights or []):
+        try:
+            values.append(float(token))
+        except ValueError:
+            paths += weights[i:]
+            break
+    if len(paths) < 2:
+        raise ValueError("merge-loras needs at least one LoRA file and OUT")
+    files, out = paths[:-1], paths[-1]
+    if weights is None:
+        values = [1.0] * len(files)
+    if len(values) != len(files):
+        raise ValueError(f"--weights has {len(values)} value(s) for {len(files)} file(s); give one weight per file")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"--weights must be finite numbers, got {bad[0]}")
+    return files, values, out
+
+
+def _check_rank(value: int | None, what: str) -> None:
+    """An optional rank argument, checked before any file is read."""
+    from convlora.state import checked_rank
+
+    if value is not None:
+        checked_rank(value, what)
+
+
+def _checked_output(path: str, overwrite: bool) -> Path:
+    """OUT may not exist unless ``--overwrite`` (checked before any work)."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ValueError(f"OUT {out} exists; pass --overwrite to replace it")
+    return out
+
+
+def _write_output(weights, out: Path, fmt: str) -> Path:
+    """Write ``weights`` as ``fmt`` at ``out`` atomically: a file, or (PEFT) a whole folder renamed into place."""
+    from convlora.atomic import replace_folder
+    from convlora.formats import write_lora_file
+
+    if fmt != "peft":
+        return write_lora_file(weights, out, fmt)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} exists and is not a folder (a PEFT adapter is a folder)")
+    return replace_folder(out, lambda tmp: write_lora_file(weights, tmp, fmt))
 
 
 if __name__ == "__main__":

@@ -102,3 +102,18 @@ def test_concept_ablation_smoke_runs_every_variant_at_matched_parameter_counts(t
     # the fine-tuned UNet starts from the base: with 2 steps at lr 1e-4 its images are the base's, nearly
     ft = report["runs"][-1]
     assert ft["scores"]["bag"]["base"] == report["runs"][-2]["scores"]["bag"]["base"]
+
+
+def test_svd_routes_smoke_reports_every_route(bench, tmp_path):  # imports bench_lora by name: the `bench` fixture registers it
+    spec = importlib.util.spec_from_file_location("svd_routes", BENCH.parent / "svd_routes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "svd.json"
+    report = module.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    factored, dense = report["cases"]["factored"]["routes"], report["cases"]["dense"]["routes"]
+    assert list(factored) == ["full svd (dense, float32)", "svd_lowrank q=k+10 niter=2 (dense)", "factored QR + r x r SVD"]
+    assert list(dense) == ["full svd (float32)", "svd_lowrank q=k+10 niter=2", "svd_lowrank q=k+10 niter=6"]
+    assert factored["factored QR + r x r SVD"]["relative_error"] < 1e-6  # the exact route convlora uses
+    assert dense["full svd (float32)"]["within_1e-4"] and dense["svd_lowrank q=k+10 niter=2"]["relative_error"] > 1e-4
+    assert all(row["ms_median"] > 0 for routes in (factored, dense) for row in routes.values())

@@ -51,6 +51,7 @@ __all__ = [
     "load_weights_into_model",
     "read_lora_file",
     "save_peft_adapter",
+    "weights_for_format",
     "weights_from_model",
     "write_lora_file",
 ]
@@ -167,17 +168,30 @@ def convert_lora_file(
         ``(source format, written path)``.
     """
     src_fmt, weights = read_lora_file(src)
+    weights = weights_for_format(weights, fmt, component, source=str(src))
+    return src_fmt, write_lora_file(weights, dst, fmt, ldm_names=ldm_names, diffusers_names=diffusers_names)
+
+
+def weights_for_format(weights: LoRAWeights, fmt: str, component: str | None = None, source: str = "the adapter") -> LoRAWeights:
+    """``weights`` with the paths ``fmt`` needs: diffusers / kohya name pipeline components, PEFT one model.
+
+    Args:
+        component: single-model weights going to diffusers / kohya: the component they adapt
+            (``"unet"``, ``"text_encoder"``); pipeline weights going to PEFT: the one to keep
+            (``None``: the only one there is).
+
+    Raises:
+        LoRAFormatError: no ``component`` where one is needed, naming ``source``.
+    """
     if fmt in ("diffusers", "kohya") and weights.unprefixed():
         if component is None:
             raise LoRAFormatError(
-                f"{src} adapts a single model; say which pipeline component it is (--component unet or text_encoder)"
+                f"{source} adapts a single model; say which pipeline component it is (--component unet or text_encoder)"
             )
-        weights = LoRAWeights(
-            {f"{component}.{p}": m for p, m in weights.modules.items()}, weights.use_rslora, weights.metadata
-        )
-    elif fmt == "peft" and weights.components():
+        return LoRAWeights({f"{component}.{p}": m for p, m in weights.modules.items()}, weights.use_rslora, weights.metadata)
+    if fmt == "peft" and weights.components():
         names = weights.components()
         if len(names) != 1 and component is None:
-            raise LoRAFormatError(f"{src} has components {names}; choose one with --component")
-        weights = LoRAWeights(weights.component(component or names[0]), weights.use_rslora, weights.metadata)
-    return src_fmt, write_lora_file(weights, dst, fmt, ldm_names=ldm_names, diffusers_names=diffusers_names)
+            raise LoRAFormatError(f"{source} has components {names}; choose one with --component")
+        return LoRAWeights(weights.component(component or names[0]), weights.use_rslora, weights.metadata)
+    return weights
