@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (must be installed; GPU only).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (in the train extra; runs on the CPU and on GPUs): "
+                        "the optimizer state of every LoRA tensor of >= 4096 elements is stored blockwise in 8 bits.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
     g.add_argument("--max_consecutive_nonfinite_steps", type=int, default=5,
                    help="Stop the run after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
