@@ -128,12 +128,14 @@ def _train(params, optimizer, scheduler, steps, seed):
 
 
 def _make(seed=0, optimizer="adamw"):
-    """Two parameter groups; for bitsandbytes' AdamW8bit the (64, 80) tensor (>= its 4096-element
-    minimum) gets 8-bit blockwise state, the small ones 32-bit state."""
+    """Two parameter groups; for bitsandbytes' AdamW8bit the (64, 80) and (4096,) tensors (>= its
+    4096-element minimum) get 8-bit blockwise state (sharing one quantization map), the small ones
+    32-bit state."""
     from diffusers.optimization import get_scheduler
 
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(4096))]
     groups = [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
     if optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -160,6 +162,7 @@ def test_optimizer_and_scheduler_state_round_trip_exactly(tmp_path, optimizer):
         assert dtypes == {"state1": torch.uint8, "state2": torch.uint8, "absmax1": torch.float32,
                           "absmax2": torch.float32, "qmap1": torch.float32, "qmap2": torch.float32}
         assert stored["optimizer.state.1.__bnb_optimizer_quant_state__.state1"].dtype == torch.float32  # small: 32-bit
+        assert stored["optimizer.state.3.__bnb_optimizer_quant_state__.state1"].dtype == torch.uint8
 
     params2, opt2, scheduler2 = _make(seed=5, optimizer=optimizer)  # a fresh run, other starting values
     with torch.no_grad():
