@@ -89,6 +89,7 @@ from convlora import (  # noqa: E402
 )
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
 from convlora.diffusion.families import Family, detect_family, family_from_configs  # noqa: E402
+from convlora.training.activation_checkpointing import enable_gradient_checkpointing  # noqa: E402
 from convlora.training.buckets import BucketBatchSampler, bucket_resolutions, check_bucket_args, select_bucket  # noqa: E402
 from convlora.training.checkpoints import (  # noqa: E402
     CheckpointError,
@@ -599,27 +600,6 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
                 f"frozen weights {weight_dtype} (VAE {vae_dtype}), LoRA {adapter_dtypes(unet)}")
     return Models(family, noise_scheduler, tokenizers, text_encoders, vae, unet, weight_dtype,
                   noise_scheduler.config.prediction_type, tuple(trained))
-
-
-def enable_gradient_checkpointing(models: list[torch.nn.Module]) -> None:
-    """Recompute activations in backward -- in a diffusers model's blocks, a transformers model's
-    layers -- with torch's non-reentrant checkpoint.
-
-    The reentrant one gives the parameters inside a checkpointed block no gradient when none of the
-    block's inputs requires grad -- which is what a frozen base feeds it -- so LoRA would silently
-    stop learning. diffusers 0.42 and transformers 5.23 default to non-reentrant; it is asked for by
-    name here so that a default changing under a version bump cannot switch it.
-    """
-    for model in models:
-        if isinstance(model, diffusers.ModelMixin):
-            model.enable_gradient_checkpointing(_non_reentrant_checkpoint)
-        else:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _non_reentrant_checkpoint(module: torch.nn.Module, *args):
-    """diffusers' checkpoint-function signature: ``(block, *inputs) -> block(*inputs)``, recomputed in backward."""
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 def pipeline_family(args: argparse.Namespace) -> Family:
