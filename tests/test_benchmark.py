@@ -117,3 +117,25 @@ def test_svd_routes_smoke_reports_every_route(bench, tmp_path):  # imports bench
     assert factored["factored QR + r x r SVD"]["relative_error"] < 1e-6  # the exact route convlora uses
     assert dense["full svd (float32)"]["within_1e-4"] and dense["svd_lowrank q=k+10 niter=2"]["relative_error"] > 1e-4
     assert all(row["ms_median"] > 0 for routes in (factored, dense) for row in routes.values())
+
+
+def test_lowmem_smoke_measures_every_variant(bench, tmp_path):  # imports bench_lora by name: `bench` registers it
+    spec = importlib.util.spec_from_file_location("lowmem", BENCH.parent / "lowmem.py")
+    lowmem = importlib.util.module_from_spec(spec)
+    sys.modules["lowmem"] = lowmem  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(lowmem)
+        out = tmp_path / "lowmem.json"
+        report = lowmem.main(["--smoke", "--out", str(out)])
+    finally:
+        sys.modules.pop("lowmem", None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["result"]["rows"]
+    assert list(rows) == ["baseline", "+ gradient checkpointing", "+ 8-bit Adam", "+ cached text embeddings", "all three"]
+    base = rows["baseline"]
+    assert all(row["ms_median"] > 0 and row["grads_mib"] == base["grads_mib"] > 0 for row in rows.values())
+    # each option saves what it is for, in exact bytes
+    assert rows["+ gradient checkpointing"]["saved_mib"] < base["saved_mib"]
+    assert rows["+ 8-bit Adam"]["held_mib"] < base["held_mib"]
+    assert rows["+ cached text embeddings"]["held_mib"] < base["held_mib"]
+    assert rows["all three"]["accounted_mib"] < min(r["accounted_mib"] for n, r in rows.items() if n != "all three")

@@ -98,7 +98,7 @@ def test_resize_keeps_the_format_and_gives_best_approximations(lora_file, tmp_pa
     conv = "unet.down_blocks.0.resnets.0.conv1"
     assert f"{conv}: rank 2 -> 2, Frobenius retained 100.00%" in lines
     assert len(lines) == len(before.modules) + 1
-    assert lines[-1].startswith(f"resized 111 of 137 modules (26 kept as they were); Frobenius retained: mean ")
+    assert lines[-1].startswith("resized 111 of 137 modules (26 kept as they were); Frobenius retained: mean ")
     assert lines[-1].endswith(f"{lora_file} (diffusers) -> {out}")
 
 

@@ -35,6 +35,10 @@ Argument names follow diffusers' ``examples/text_to_image/train_text_to_image_lo
 * The distributed type that runs is logged, and a config asking for one the run does not get
   (FSDP that accelerate does not set up, FSDP1, DeepSpeed) is refused; FSDP2 on CPU processes, which
   accelerate runs as plain DDP, is sharded by ``convlora.training.distributed`` with ``fully_shard``.
+* Low-memory training, each verified: ``--gradient_checkpointing`` (non-reentrant everywhere, so the
+  LoRA of a frozen model gets its gradients), ``--use_8bit_adam`` (bitsandbytes, CPU or GPU; its 8-bit
+  state is checkpointed and resumed exactly), ``--cache_text_embeddings`` (the frozen text encoders
+  run once per distinct caption, then leave the device).
 * A step whose loss is NaN/inf is skipped and reported; several in a row stop the run; no file with
   non-finite tensors is ever written.
 
@@ -89,6 +93,7 @@ from convlora import (  # noqa: E402
 )
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
 from convlora.diffusion.families import Family, detect_family, family_from_configs  # noqa: E402
+from convlora.training.activation_checkpointing import enable_gradient_checkpointing  # noqa: E402
 from convlora.training.buckets import BucketBatchSampler, bucket_resolutions, check_bucket_args, select_bucket  # noqa: E402
 from convlora.training.checkpoints import (  # noqa: E402
     CheckpointError,
@@ -141,6 +146,7 @@ from convlora.training.prior import (  # noqa: E402
     prior_loss,
 )
 from convlora.training.repeats import is_repeat_layout, read_training_folder, repeat_counts  # noqa: E402
+from convlora.training.text_cache import TextEmbeddingCache  # noqa: E402
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -266,6 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cache_latents", action="store_true",
                    help="Encode every image with the VAE once before training (needs --center_crop, or images whose "
                         "resize fills their square or bucket exactly).")
+    g.add_argument("--cache_text_embeddings", "--cache_text_encoder_outputs", "--pre_compute_text_embeddings",
+                   dest="cache_text_embeddings", action="store_true",
+                   help="Run the frozen text encoders once per distinct caption before training (every caption of "
+                        "every image, and the empty one under --caption_dropout; SDXL: both encoders' states and the "
+                        "pooled embedding), never in the loop. The encoders are then deleted, or kept on the CPU "
+                        "for --validation_prompt. Not with --train_text_encoder. (kohya: --cache_text_encoder_outputs; "
+                        "diffusers' DreamBooth: --pre_compute_text_embeddings.)")
     g.add_argument("--enable_bucket", action="store_true",
                    help="Aspect-ratio bucketing (kohya's): each image is resized and cropped into the bucket of about "
                         "--resolution^2 pixels nearest its aspect ratio; every batch comes from one bucket.")
@@ -308,7 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, unless --max_train_steps is set " + default("num_train_epochs"))
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs " + default("max_train_steps"))
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward (less memory, slower).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in backward (less memory, slower); non-reentrant in the UNet and the "
+                        "trained text encoders, so every LoRA gets its gradient.")
     g.add_argument("--learning_rate", type=float, default=None, help="Learning rate after warmup " + default("learning_rate"))
     g.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x batch size x accumulation.")
     g.add_argument("--lr_scheduler", type=str, default=None,
@@ -323,7 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (must be installed; GPU only).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (in the train extra; runs on the CPU and on GPUs): "
+                        "the optimizer state of every LoRA tensor of >= 4096 elements is stored blockwise in 8 bits.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this value.")
     g.add_argument("--max_consecutive_nonfinite_steps", type=int, default=5,
                    help="Stop the run after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
@@ -429,6 +445,9 @@ def argument_problem(args: argparse.Namespace) -> str | None:
                          conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
     except ValueError as err:
         return f"--unet_preset {args.unet_preset}: {err}"
+    if args.cache_text_embeddings and args.train_text_encoder:
+        return ("--cache_text_embeddings needs frozen text encoders (their outputs are computed once), "
+                "but --train_text_encoder trains them; drop one of the two")
     try:
         if args.enable_bucket:
             check_bucket_args(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
@@ -491,6 +510,9 @@ class Models:
     prediction_type: str
     trained_encoders: tuple[str, ...]
     """The text encoders that carry LoRA (all of them with --train_text_encoder, else none)."""
+    text_cache: TextEmbeddingCache | None = None
+    """With --cache_text_embeddings (step 3): every caption's encoder outputs; ``text_encoders`` then
+    holds the encoders only for validation (on the CPU), or nothing."""
 
 
 @dataclass
@@ -666,8 +688,7 @@ def prepare_class_images(args: argparse.Namespace, accelerator: Accelerator) -> 
 
         bar = tqdm(total=missing, desc="Generating class images")
         generate_class_images(args.class_data_dir, settings, args.num_class_images, generate, progress=bar.update)
-        bar.close()
-        del pipeline
+        bar.close()  # the pipeline goes with this function's frame
 
 
 def safety_checker_off(args: argparse.Namespace) -> dict[str, Any]:
@@ -710,9 +731,7 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     for model in (unet, *text_encoders.values()):
         cast_for_training(model, weight_dtype, accelerator.device)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for name in trained:
-            text_encoders[name].gradient_checkpointing_enable()
+        enable_gradient_checkpointing([unet, *(text_encoders[name] for name in trained)])
     n_lora = sum(p.numel() for model in (unet, *(text_encoders[name] for name in trained))
                  for p in adapter_parameters(model).values())
     logger.info(f"{family.pipeline_class_name}: LoRA on {len(adapted)} modules ({args.unet_preset} preset"
@@ -799,6 +818,8 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator, models: Model
     if args.cache_latents:
         for part in parts:
             cache_dataset_latents(args, accelerator, models, part)
+    if args.cache_text_embeddings:
+        cache_text_embeddings(args, accelerator, models, parts)
     common = {"collate_fn": collate_pairs if args.with_prior_preservation else collate, "num_workers": args.dataloader_num_workers}
     if target_sizes is None:
         sampler = EpochShuffleSampler(len(dataset), seed=args.seed)
@@ -832,6 +853,22 @@ def cache_dataset_latents(args, accelerator: Accelerator, models: Models, datase
 def instance_images(dataset) -> TextImageDataset:
     """The instance part of the training set (all of it without prior preservation)."""
     return dataset.instances if isinstance(dataset, PriorPairs) else dataset
+
+
+def cache_text_embeddings(args, accelerator: Accelerator, models: Models, parts: list[TextImageDataset]) -> None:
+    """Encode every caption the datasets (instance and, with prior preservation, class images) can
+    produce once (``models.text_cache``), then release the text encoders: deleted, or (for the
+    validation pipeline) moved to the CPU."""
+    captions = list(dict.fromkeys(c for part in parts for c in part.possible_captions()))
+    models.text_cache = TextEmbeddingCache.build(models.family, models.text_encoders, parts[0].tokenize, captions,
+                                                 accelerator.device, batch_size=args.train_batch_size)
+    if args.validation_prompt:
+        for encoder in models.text_encoders.values():
+            encoder.to("cpu")
+    else:
+        models.text_encoders.clear()  # the last references: nothing else holds the frozen encoders
+    logger.info(f"Cached the text embeddings of {len(captions)} captions ({models.text_cache.nbytes / 2**20:.1f} MiB); "
+                f"text encoders {'on the CPU until validation' if args.validation_prompt else 'deleted'}")
 
 
 # ==== 4. optimizer, schedule, prepare, resume ====================================================
@@ -1015,10 +1052,13 @@ def train_step(args, accelerator: Accelerator, models: Models, run: Run, batch: 
             latents = (mean.float() + std.float() * draws.latent_eps) * models.vae.config.scaling_factor
         # (b) forward diffusion: noise the latents at a random timestep
         noisy_latents = scheduler.add_noise(latents, draws.noise, draws.timesteps)
-        # (c) conditioning: the family's prompt embedding (+ SDXL's added conditions); no graph
-        # through frozen text encoders
-        with contextlib.nullcontext() if models.trained_encoders else torch.no_grad():
-            conditions = models.family.unet_conditions(run.text_encoders, batch)
+        # (c) conditioning: the family's prompt embedding (cached, or encoded now; no graph through
+        # frozen text encoders) + SDXL's added conditions
+        if models.text_cache is not None:
+            conditions = models.family.conditions_from_prompts(models.text_cache.lookup(batch, accelerator.device), batch)
+        else:
+            with contextlib.nullcontext() if models.trained_encoders else torch.no_grad():
+                conditions = models.family.unet_conditions(run.text_encoders, batch)
         # (d) predict and compare with the target (noise, velocity or x0)
         target = training_target(scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
         model_pred = run.unet(noisy_latents, draws.timesteps, **conditions, return_dict=False)[0]
@@ -1138,6 +1178,9 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
                             "frozen_local_share": frozen_local_share(run.trained_models(models))},
             "dtypes": {"unet": parameter_dtypes(final["unet"]), "vae": parameter_dtypes(models.vae),
                        **{name: parameter_dtypes(accelerator.unwrap_model(model)) for name, model in run.text_encoders.items()}},
+            "text_embedding_cache": None if models.text_cache is None else {
+                "captions": len(models.text_cache), "mib": round(models.text_cache.nbytes / 2**20, 3),
+                "text_encoders": "on the CPU for validation" if models.text_encoders else "deleted"},
             "concept_scores": run.scores,
             "base_model": args.pretrained_model_name_or_path,
             "train_data": args.train_data_dir or args.dataset_name,
@@ -1180,6 +1223,7 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
             "with_prior_preservation": prior or None, "prior_loss_weight": args.prior_loss_weight if prior else None,
             "class_prompt": args.class_prompt if prior else None,
             "num_class_images": len(classes) if prior else None, "class_data": (args.reg_data_dir or args.class_data_dir) if prior else None,
+            "cache_text_embeddings": args.cache_text_embeddings or None,
         },
         kohya_extra={
             "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": te_lrs.get("text_encoder"),
@@ -1243,14 +1287,37 @@ def sample_images(pipeline, args) -> list[list[Image.Image]]:
 
 
 def run_validation(args, accelerator: Accelerator, models: Models, run: Run, final: bool = False):
-    """Sample the validation prompts with LoRA (and, the first time, without), save the PNG grid and
-    log it. Returns ``(base_rows, lora_rows, grid_path, scores)``.
+    """Sample the validation prompts with LoRA (and, the first time, without), score them, save the
+    PNG grid and log it. Returns ``(base_rows, lora_rows, grid_path, scores)``."""
+    step, base_rows = run.global_step, run.base_rows
+    with text_encoders_on(accelerator.device, run.text_encoders.values() if models.text_cache is not None else ()):
+        pipeline = validation_pipeline(args, accelerator, models, run)
+        base_rows, lora_rows = sample_with_and_without_lora(args, accelerator, models, run, pipeline, base_rows)
+    run.base_scores = run.base_scores or concept_scores(args, base_rows)  # the base does not change: scored once
+    lora_scores = concept_scores(args, lora_rows)
+    scores = {cls: {"prompt": prompt, "base": run.base_scores[cls][1], "lora": score} for cls, (prompt, score) in lora_scores.items()}
+    notes = [score_note(scores, cls) for cls in (args.validation_score_classes or [None] * len(args.validation_prompt))]
+    grid = make_grid(base_rows, lora_rows, args.validation_prompt, step, shown=GRID_IMAGES_PER_PROMPT, notes=notes)
+    grid_path = Path(args.output_dir, "validation", "final.png" if final else f"step-{step:06d}.png")
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(grid_path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
+            for prompt, images in zip(args.validation_prompt, lora_rows):
+                tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    if scores:
+        accelerator.log({f"concept_score/{c}": s["lora"] for c, s in scores.items()}, step=step)
+    return base_rows, lora_rows, grid_path, scores
+
+
+def sample_with_and_without_lora(args, accelerator: Accelerator, models: Models, run: Run, pipeline, base_rows):
+    """``(base_rows, lora_rows)``: the validation images with LoRA at --validation_lora_scale, and (when
+    ``base_rows`` is None, the first time) without it.
 
     ``eval()`` merges LoRA into the weights (inference at base speed, no cast of any trained
     module); ``train()`` afterwards restores the exact training weights.
     """
-    step, base_rows = run.global_step, run.base_rows
-    pipeline = validation_pipeline(args, accelerator, models, run)
     trained = [accelerator.unwrap_model(model) for model in run.trained_models(models)]
     for model in trained:
         model.eval()
@@ -1269,22 +1336,20 @@ def run_validation(args, accelerator: Accelerator, models: Models, run: Run, fin
     finally:
         for model in trained:
             model.train()
-    run.base_scores = run.base_scores or concept_scores(args, base_rows)  # the base does not change: scored once
-    lora_scores = concept_scores(args, lora_rows)
-    scores = {cls: {"prompt": prompt, "base": run.base_scores[cls][1], "lora": score} for cls, (prompt, score) in lora_scores.items()}
-    notes = [score_note(scores, cls) for cls in (args.validation_score_classes or [None] * len(args.validation_prompt))]
-    grid = make_grid(base_rows, lora_rows, args.validation_prompt, step, shown=GRID_IMAGES_PER_PROMPT, notes=notes)
-    grid_path = Path(args.output_dir, "validation", "final.png" if final else f"step-{step:06d}.png")
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(grid_path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation/grid", np.asarray(grid), step, dataformats="HWC")
-            for prompt, images in zip(args.validation_prompt, lora_rows):
-                tracker.writer.add_images(f"validation/{prompt}", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-    if scores:
-        accelerator.log({f"concept_score/{c}": s["lora"] for c, s in scores.items()}, step=step)
-    return base_rows, lora_rows, grid_path, scores
+    return base_rows, lora_rows
+
+
+@contextlib.contextmanager
+def text_encoders_on(device: torch.device, encoders):
+    """Move ``encoders`` (kept on the CPU by --cache_text_embeddings) to ``device`` for the block, then back."""
+    encoders = list(encoders)
+    for encoder in encoders:
+        encoder.to(device)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.to("cpu")
 
 
 #: Images per prompt and side the validation grid shows (all of them are scored): one line each, so

@@ -91,16 +91,17 @@ class Family:
 
         return tokenize
 
-    def unet_conditions(self, text_encoders: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """The UNet's conditioning keyword arguments for a batch.
+    def encode_prompts(self, text_encoders: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the text encoders contribute to the UNet's conditioning, per prompt.
 
         Args:
             text_encoders: name -> encoder (``text_encoder`` and, for SDXL, ``text_encoder_2``).
-            batch: ``input_ids`` (B, L) [+ ``input_ids_2`` (B, L) and ``time_ids`` (B, 6) for SDXL].
+            batch: ``input_ids`` (B, L) [+ ``input_ids_2`` (B, L) for SDXL].
 
         Returns:
-            ``{"encoder_hidden_states": (B, L, D)}``; SDXL adds ``"added_cond_kwargs"``
-            ``{"text_embeds": (B, P), "time_ids": (B, 6)}`` in the hidden states' dtype.
+            ``{"encoder_hidden_states": (B, L, D)}``; SDXL: the penultimate hidden states of both
+            encoders concatenated (B, L, D1 + D2), and ``"text_embeds"`` (B, P), the pooled projection
+            of the last encoder.
         """
         encoders = [text_encoders[name] for name in self.text_encoders]
         ids = [batch[key] for key in self.input_id_keys()]
@@ -111,10 +112,30 @@ class Family:
             out = encoder(input_ids, output_hidden_states=True, return_dict=True)
             hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
             pooled = out[0]  # the last encoder's pooled projection (text_embeds), (B, P)
-        states = torch.cat(hidden, dim=-1)
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def unet_conditions(self, text_encoders: Mapping[str, nn.Module], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for a batch (its prompts encoded now)."""
+        return self.conditions_from_prompts(self.encode_prompts(text_encoders, batch), batch)
+
+    def conditions_from_prompts(self, prompts: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments from :meth:`encode_prompts`'s output (computed now
+        or cached).
+
+        Args:
+            prompts: ``encoder_hidden_states`` (B, L, D) [+ ``text_embeds`` (B, P) for SDXL].
+            batch: for SDXL its ``time_ids`` (B, 6).
+
+        Returns:
+            ``{"encoder_hidden_states": (B, L, D)}``; SDXL adds ``"added_cond_kwargs"``
+            ``{"text_embeds": (B, P), "time_ids": (B, 6)}`` in the hidden states' dtype.
+        """
+        states = prompts["encoder_hidden_states"]
+        if not self.uses_time_ids:
+            return {"encoder_hidden_states": states}
         time_ids = batch["time_ids"].to(states.device, dtype=states.dtype)
         return {"encoder_hidden_states": states,
-                "added_cond_kwargs": {"text_embeds": pooled.to(states.dtype), "time_ids": time_ids}}
+                "added_cond_kwargs": {"text_embeds": prompts["text_embeds"].to(states.dtype), "time_ids": time_ids}}
 
     def build_pipeline(self, vae: nn.Module, unet: nn.Module, text_encoders: Mapping[str, nn.Module],
                        tokenizers: Mapping[str, Any], scheduler: Any) -> Any:

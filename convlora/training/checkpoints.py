@@ -345,8 +345,21 @@ def write_state(folder: str | Path, name: str, state: Any) -> None:
     structure = _encode(state, name, tensors)
     folder = Path(folder)
     if tensors:
-        write_safetensors(tensors, folder / f"{name}.safetensors")
+        write_safetensors(_unshared(tensors), folder / f"{name}.safetensors")
     write_json(folder / f"{name}.json", structure)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with a copy of each tensor whose storage an earlier one uses (safetensors refuses
+    shared storage; bitsandbytes' 8-bit optimizers share one quantization map between all parameters).
+    Loading gives each place its own equal tensor."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor
+        seen.add(ptr)
+    return out
 
 
 def read_state(folder: str | Path, name: str) -> Any:

@@ -493,6 +493,14 @@ class TextImageDataset(Dataset):
             "generator": gen,  # continues with the crop offsets
         }
 
+    def possible_captions(self) -> list[str]:
+        """Every caption a sample can be trained with, each once in first-seen order: all captions of
+        all items, and the empty caption when ``caption_dropout > 0`` (see :meth:`caption_for`)."""
+        captions = dict.fromkeys(c for i in range(len(self.source)) for c in self.source[i].captions)
+        if self.caption_dropout > 0:
+            captions[""] = None
+        return list(captions)
+
     def caption_for(self, item: Item, choice: dict[str, Any]) -> str:
         if choice["drop_caption"]:
             return ""

@@ -214,12 +214,15 @@ def _wide_images(folder: Path, n: int = 8) -> Path:
     return folder
 
 
-def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"use_8bit_adam": True, "rank": 16}], ids=["adamw", "adamw8bit"])
+def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path, optimizer):
     # 8 images, batch 2: 4 steps per epoch; checkpoint-10 is half-way through epoch 2 (0-based).
     # Random crop, random flip and caption dropout on, so every epoch draws differently.
+    # AdamW8bit (bitsandbytes, on the CPU) at rank 16: the LoRA tensors of >= 4096 elements (the 3x3
+    # convs' A, 16 x 64*9) get 8-bit state, the others 32-bit state; both are in the checkpoint.
     data = _wide_images(tmp_path / "wide")
     common = dict(max_train_steps=12, checkpointing_steps=10, random_flip=True, caption_dropout=0.3, lora_dropout=0.1,
-                  lr_scheduler="cosine", lr_warmup_steps=2)
+                  lr_scheduler="cosine", lr_warmup_steps=2, **optimizer)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     check_ok(launch(script_args(tiny_base, data, straight, **common)))
     resumed.mkdir()
@@ -228,8 +231,16 @@ def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
     assert "at step 10" in output
     a, b = summary(straight), summary(resumed)
     assert len(a["losses"]) == 12 and a["losses"] == b["losses"] and a["learning_rates"] == b["learning_rates"]
+    assert all(np.isfinite(a["losses"])) and a["skipped_steps"] == []
     ta, tb = read_safetensors(straight / "lora_convlora.safetensors")[0], read_safetensors(resumed / "lora_convlora.safetensors")[0]
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert all(bool(ta[k].abs().max() > 0) for k in ta if k.endswith("lora_B"))  # trained: B starts at zero
+    state = read_safetensors(straight / "checkpoint-10" / "optimizer.safetensors")[0]
+    uint8 = [k for k, t in state.items() if t.dtype == torch.uint8]
+    if optimizer:
+        assert len(uint8) > 0 and all(k.endswith((".state1", ".state2")) for k in uint8)
+    else:
+        assert uint8 == []
 
 
 def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_the_prior_settings(tiny_base, tmp_path):

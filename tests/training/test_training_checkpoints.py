@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 
+from convlora import read_safetensors
 from convlora.training.checkpoints import (
     MARKER,
     CheckpointError,
@@ -126,35 +127,55 @@ def _train(params, optimizer, scheduler, steps, seed):
         scheduler.step()
 
 
-def _make(seed=0):
+def _make(seed=0, optimizer="adamw"):
+    """Two parameter groups; for bitsandbytes' AdamW8bit the (64, 80) and (4096,) tensors (>= its
+    4096-element minimum) get 8-bit blockwise state (sharing one quantization map), the small ones
+    32-bit state."""
     from diffusers.optimization import get_scheduler
 
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
-    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 3e-3}], weight_decay=0.01)
-    scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=2, num_training_steps=10)
-    return params, optimizer, scheduler
+    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(4096))]
+    groups = [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
+    if optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(groups, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    scheduler = get_scheduler("cosine", optimizer=opt, num_warmup_steps=2, num_training_steps=10)
+    return params, opt, scheduler
 
 
-def test_optimizer_and_scheduler_state_round_trip_exactly(tmp_path):
-    params, optimizer, scheduler = _make()
-    _train(params, optimizer, scheduler, 4, seed=1)
-    write_state(tmp_path, "optimizer", optimizer.state_dict())
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_optimizer_and_scheduler_state_round_trip_exactly(tmp_path, optimizer):
+    params, opt, scheduler = _make(optimizer=optimizer)
+    start = [p.detach().clone() for p in params]
+    _train(params, opt, scheduler, 4, seed=1)
+    assert all(not torch.equal(p, q) for p, q in zip(params, start))  # real steps
+    write_state(tmp_path, "optimizer", opt.state_dict())
     write_state(tmp_path, "lr_scheduler", scheduler.state_dict())
     assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.bin"))
+    if optimizer == "adamw8bit":  # the quantized moments, their block scales and code books, as written
+        stored = read_safetensors(tmp_path / "optimizer.safetensors")[0]
+        dtypes = {key.rsplit(".", 1)[-1]: t.dtype for key, t in stored.items() if key.startswith("optimizer.state.0.")}
+        assert dtypes == {"state1": torch.uint8, "state2": torch.uint8, "absmax1": torch.float32,
+                          "absmax2": torch.float32, "qmap1": torch.float32, "qmap2": torch.float32}
+        assert stored["optimizer.state.1.__bnb_optimizer_quant_state__.state1"].dtype == torch.float32  # small: 32-bit
+        assert stored["optimizer.state.3.__bnb_optimizer_quant_state__.state1"].dtype == torch.uint8
 
-    params2, optimizer2, scheduler2 = _make(seed=5)  # a fresh run, other starting values
+    params2, opt2, scheduler2 = _make(seed=5, optimizer=optimizer)  # a fresh run, other starting values
     with torch.no_grad():
         for p, q in zip(params2, params):
             p.copy_(q)
-    optimizer2.load_state_dict(read_state(tmp_path, "optimizer"))
+    opt2.load_state_dict(read_state(tmp_path, "optimizer"))
     scheduler2.load_state_dict(read_state(tmp_path, "lr_scheduler"))
-    _train(params, optimizer, scheduler, 4, seed=2)
-    _train(params2, optimizer2, scheduler2, 4, seed=2)
+    _train(params, opt, scheduler, 4, seed=2)
+    _train(params2, opt2, scheduler2, 4, seed=2)
     for p, q in zip(params, params2):
         assert torch.equal(p, q)
     assert scheduler.get_last_lr() == scheduler2.get_last_lr()
-    assert optimizer.param_groups[0]["betas"] == optimizer2.param_groups[0]["betas"] == (0.9, 0.999)
+    assert opt.param_groups[0]["betas"] == opt2.param_groups[0]["betas"] == (0.9, 0.999)
 
 
 def test_grad_scaler_state_round_trip(tmp_path):
