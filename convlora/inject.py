@@ -228,18 +228,17 @@ def get_config(model: nn.Module, adapter_name: str | None = None) -> LoRAConfig 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Every adapter name of ``model``'s LoRA layers, in the order they were added."""
-    names: dict[str, None] = {}
+    present: dict[str, None] = {}
     for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.lora_adapters))
-    return list(names)
+        present.update(dict.fromkeys(layer.lora_adapters))
+    injected = [n for n in _configs(model) if n in present]  # the configs keep the order of injection
+    return injected + [n for n in present if n not in injected]
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """The adapters ``model``'s LoRA layers add, in the order :func:`set_adapters` gave them."""
-    names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.active_adapters))
-    return list(names)
+    """The adapters that ``model``'s LoRA layers add (active in at least one layer), in the order they were added."""
+    active = {n for layer in lora_layers(model).values() for n in layer.active_adapters}
+    return [n for n in list_adapters(model) if n in active]
 
 
 def resolve_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
