@@ -82,3 +82,16 @@ def test_layer_breakdown_smoke_accounts_for_every_adapted_layer(bench, breakdown
 def test_layer_breakdown_refuses_an_unknown_preset(breakdown):
     with pytest.raises(SystemExit, match="unknown preset"):
         breakdown.main(["--smoke", "--preset", "everything"])
+
+
+def test_adapter_dispatch_smoke_run_reports_every_variant(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_adapters", BENCH.with_name("bench_adapters.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "adapters.json"
+    report = module.main(["--smoke", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for name in ("linear 64", "conv3x3 16"):
+        assert list(report[name]) == ["kernel", "layer, 1 adapter", "layer, 2 adapters"]
+        assert report[name]["kernel"]["ratio_to_kernel"] == 1.0
+        assert all(row["median_us"] > 0 and row["ratio_to_kernel"] > 0 for row in report[name].values())
