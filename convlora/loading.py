@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,7 +77,6 @@ class AdapterLoad:
     """Which biases the tensors hold (:func:`convlora.adapter_parameters`); ``None``: the config's."""
     fingerprint: str | None = None
     """The file's hash of adapted paths and base shapes (:func:`convlora.state.fingerprint`), if it has one."""
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def load_adapter(model: nn.Module, load: AdapterLoad, adapter_name: str | None = None, strict: bool = True) -> list[str]:

@@ -29,6 +29,7 @@ from convlora.formats.weights import (
 )
 from convlora.header import user_metadata
 from convlora.inject import inject_lora, unchanged_on_error
+from convlora.layers import DEFAULT_ADAPTER
 
 __all__ = [
     "TRAINING_METADATA",
@@ -71,8 +72,10 @@ def inject_pipeline_lora(
     unet_config: LoRAConfig | None = None,
     text_encoder_config: LoRAConfig | None = None,
     text_encoder_2_config: LoRAConfig | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> dict[str, list[str]]:
-    """Inject LoRA into ``pipe.unet`` and/or its text encoders; returns the adapted paths per component.
+    """Inject adapter ``adapter_name`` into ``pipe.unet`` and/or its text encoders (:func:`convlora.inject_lora`
+    for each); returns the adapted paths per component.
 
     ``text_encoder_2_config`` is for SDXL's second encoder; ``None`` there with a
     ``text_encoder_config`` on an SDXL pipeline adapts both encoders with that config.
@@ -90,7 +93,7 @@ def inject_pipeline_lora(
     missing = [name for name in configs if getattr(pipe, name, None) is None]
     if missing:
         raise ValueError(f"the pipeline has no {', '.join(missing)}")
-    return {name: inject_lora(getattr(pipe, name), config) for name, config in configs.items()}
+    return {name: inject_lora(getattr(pipe, name), config, adapter_name) for name, config in configs.items()}
 
 
 def save_pipeline_lora(

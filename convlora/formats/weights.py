@@ -5,8 +5,9 @@ own layout (the README's LoRA math section): Linear ``A (r, in)``, ``B (out, r)`
 ``B (C_out, r, *1s)``. For a whole pipeline the paths start with the component name
 (``unet.``, ``text_encoder.``); for a single model they are the model's own module paths.
 
-Getting weights *out of* a model (:func:`weights_from_model`) and *into* a model
-(:func:`load_weights_into_model`) live here, so each file format only translates keys.
+Getting one adapter's weights *out of* a model (:func:`weights_from_model`) and *into* a model
+(:func:`load_weights_into_model`: path resolution here, then the one loader,
+:func:`convlora.loading.load_adapter`) live here, so each file format only translates keys.
 """
 
 from __future__ import annotations
