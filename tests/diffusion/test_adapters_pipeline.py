@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import convlora
 from convlora.diffusion import load_pipeline_lora, save_pipeline_lora, unet_lora_config
@@ -66,8 +67,6 @@ def test_bad_kohya_file_under_a_new_name_leaves_the_unet_bit_identical(_tiny_pip
     tensors, header = read_safetensors(file)
     up = next(k for k in tensors if k.endswith("ff_net_2.lora_up.weight"))
     tensors[up] = torch.full_like(tensors[up], float("nan"))  # found only after the new layers were injected
-    from safetensors.torch import save_file
-
     save_file(tensors, tmp_path / "bad.safetensors", metadata=header)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     weights = {p: layer.weight.detach().clone() for p, layer in convlora.lora_layers(unet).items()}
@@ -75,6 +74,7 @@ def test_bad_kohya_file_under_a_new_name_leaves_the_unet_bit_identical(_tiny_pip
     with pytest.raises(ValueError, match="non-finite values"):
         load_pipeline_lora(tmp_path / "bad.safetensors", unet=unet, adapter_name="second")
     assert {p: type(m) for p, m in unet.named_modules()} == kinds
-    assert unet.state_dict().keys() == before.keys() and all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert all(layer.merged and torch.equal(layer.weight, weights[p]) for p, layer in convlora.lora_layers(unet).items())
     assert convlora.list_adapters(unet) == ["default"]
