@@ -337,13 +337,15 @@ class _LinearLoRAFunction(torch.autograd.Function):
 
 
 # ---- entry points used by convlora.layers --------------------------------------------------------
-def fused_supported(layer: nn.Module, x: torch.Tensor) -> bool:
+def fused_supported(layer: nn.Module, x: torch.Tensor, adapter: nn.Module | None = None) -> bool:
     """Whether this call may take the fused path (where it computes what the plain formula does).
 
-    ``layer`` is a LoRA Linear or ConvNd (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``).
+    ``layer`` is a LoRA Linear or ConvNd, ``adapter`` one of its :class:`convlora.layers.LoRAAdapter`
+    (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``); ``None``: the layer's single active adapter.
     """
-    weight, lora_A = layer.weight, layer.lora_A
-    dropout = layer.lora_dropout
+    adapter = layer.adapter() if adapter is None else adapter
+    weight, lora_A = layer.weight, adapter.lora_A
+    dropout = adapter.lora_dropout
     if not (
         ENABLED
         and type(x) is torch.Tensor
@@ -351,7 +353,7 @@ def fused_supported(layer: nn.Module, x: torch.Tensor) -> bool:
         and type(weight) is nn.Parameter
         and not weight.requires_grad  # the fused path never computes the base weight's gradient
         and (isinstance(dropout, nn.Identity) or not dropout.training)
-        and x.dtype == weight.dtype == lora_A.dtype == layer.lora_B.dtype
+        and x.dtype == weight.dtype == lora_A.dtype == adapter.lora_B.dtype
         and (layer.bias is None or layer.bias.dtype == weight.dtype)
         and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()
@@ -363,8 +365,8 @@ def fused_supported(layer: nn.Module, x: torch.Tensor) -> bool:
     return x.dim() == len(layer.kernel_size) + 2 and x.is_contiguous()
 
 
-def conv_lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer``'s adapted (unmerged) output for ``x`` through :class:`_ConvLoRAFunction`."""
+def conv_lora_forward(layer: nn.Module, x: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+    """``layer``'s output plus ``adapter``'s branch (unmerged) for ``x`` through :class:`_ConvLoRAFunction`."""
     geo = conv_geometry(layer)
     if geo.pre_pad is not None:
         x = F.pad(x, geo.pre_pad, mode=geo.pre_pad_mode)
@@ -375,13 +377,13 @@ def conv_lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y_numel = x.shape[0] * layer.out_channels * math.prod(spatial_out)
     fold = use_fold(layer.weight, x.numel(), y_numel, spatial=any(k > 1 for k in layer.kernel_size))
     return _ConvLoRAFunction.apply(
-        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+        x, layer.weight, layer.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
         (geo.stride, geo.padding, geo.dilation, geo.groups), fold,
     )
 
 
-def linear_lora_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer``'s adapted (unmerged) output for ``x`` through :class:`_LinearLoRAFunction`."""
+def linear_lora_forward(layer: nn.Module, x: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+    """``layer``'s output plus ``adapter``'s branch (unmerged) for ``x`` through :class:`_LinearLoRAFunction`."""
     tokens = x.numel() // x.shape[-1]
     fold = use_fold(layer.weight, x.numel(), tokens * layer.out_features, spatial=False)
-    return _LinearLoRAFunction.apply(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, fold)
+    return _LinearLoRAFunction.apply(x, layer.weight, layer.bias, adapter.lora_A, adapter.lora_B, adapter.scaling, fold)

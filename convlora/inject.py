@@ -1,5 +1,11 @@
 """Put LoRA layers into any model, and take them out again.
 
+A model can carry several named adapters (``"default"`` unless named): :func:`inject_lora` with
+another ``adapter_name`` adds one to the existing LoRA layers (and creates layers where its config
+targets new modules), :func:`set_adapters` chooses the active ones and their weights,
+:func:`delete_adapter` removes one. The newest injected (or loaded) adapter is the only active one
+until :func:`set_adapters` says otherwise.
+
 Injection is planned first and applied second: every target is resolved and checked before a
 single module is replaced, so a bad config raises and leaves the model exactly as it was. Loads are
 all-or-nothing too: :func:`load_lora_state_dict` checks every tensor (keys, shapes, dtype,
@@ -10,17 +16,24 @@ multi-step load fails part-way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from convlora.config import LoRAConfig, key_matches, path_matches, pattern_matches
-from convlora.layers import LORA_CLASSES, LoRALayer, is_spatial_conv
+from convlora.layers import (
+    DEFAULT_ADAPTER,
+    LORA_CLASSES,
+    LoRALayer,
+    checked_adapter_name,
+    checked_adapter_weight,
+    is_spatial_conv,
+)
 from convlora.state import LORA_PARAM_NAMES, check_adapter_tensors, check_state_dict
 
-CONFIG_ATTR = "convlora_config"  # the LoRAConfig used to inject a model is kept on its root module
+CONFIG_ATTR = "convlora_configs"  # adapter name -> the LoRAConfig it was injected with, kept on the root module
 
 
 @dataclass(frozen=True)
@@ -33,14 +46,18 @@ class LayerSpec:
     """``alpha / sqrt(r)`` scaling for this module; ``None`` means the config's ``use_rslora``."""
 
 
-def plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, LayerSpec]:
+def plan_injection(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, LayerSpec]:
     """Resolve ``config`` against ``model``: module path -> rank/alpha, without changing anything.
+
+    A targeted module that already is a LoRA layer gets the new adapter added to it.
 
     Raises:
         ValueError: a target (or a ``rank_pattern`` / ``alpha_pattern`` key) matches no module — each
             such name is listed; or a target matches a module LoRA cannot wrap (named, with its type);
-            or a targeted module already carries LoRA.
+            or a targeted module already carries an adapter named ``adapter_name``; or biases /
+            ``modules_to_save`` with several adapters.
     """
+    checked_adapter_name(adapter_name)
     modules = dict(model.named_modules())
     inside_lora = {path for path, module in modules.items() if isinstance(module, LoRALayer)}
     candidates = [
@@ -60,14 +77,18 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, LayerSpec]
     plan: dict[str, LayerSpec] = {}
     for path in candidates:
         module = modules[path]
-        if isinstance(module, LoRALayer):
+        if isinstance(module, LoRALayer) and adapter_name in module.lora_adapters:
             already.append(path)
-        elif type(module) not in LORA_CLASSES:
+        elif not isinstance(module, LoRALayer) and type(module) not in LORA_CLASSES:
             unwrappable.append(f"{path} ({type(module).__module__}.{type(module).__name__})")
         else:
             plan[path] = LayerSpec(*config.rank_and_alpha(path, is_spatial_conv(module)))
     if already:
-        raise ValueError(f"these modules already carry LoRA: {', '.join(already)}")
+        raise ValueError(
+            f"these modules already carry LoRA: {', '.join(already)} (adapter {adapter_name!r}); "
+            "inject under another adapter_name, or delete_adapter first"
+        )
+    _check_new_adapter(model, config, adapter_name)
     if unwrappable:
         supported = ", ".join(f"{c.__module__}.{c.__name__}" for c in LORA_CLASSES)
         raise ValueError(
@@ -85,33 +106,58 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, LayerSpec]
     return plan
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Replace every targeted layer of ``model`` (in place) by its LoRA version.
+def inject_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+    """Replace every targeted layer of ``model`` (in place) by its LoRA version, with one adapter
+    named ``adapter_name``; targeted layers that already are LoRA layers get it added.
+
+    A targeted module that already carries ``adapter_name`` is a named error. The same name on other
+    modules extends that adapter (one adapter with per-module settings: a second call with its own
+    rank, alpha or rsLoRA flag), and the model keeps the newest config for it.
 
     The new layers share the base layers' weight and bias tensors; ``lora_A`` is initialised per
-    ``config.init`` and ``lora_B`` is zero, so the model's outputs are unchanged. Parameters'
-    ``requires_grad`` is not touched: call :func:`mark_only_lora_as_trainable` to freeze the base.
+    ``config.init`` and ``lora_B`` is zero, so the model's outputs are unchanged. The new adapter
+    becomes the only active one. Parameters' ``requires_grad`` is not touched: call
+    :func:`mark_only_lora_as_trainable` to freeze everything else.
 
     Returns:
         The adapted module paths, in model order.
     """
-    plan = plan_injection(model, config)
-    apply_plan(model, plan, config)
+    plan = plan_injection(model, config, adapter_name)
+    apply_plan(model, plan, config, adapter_name)
     return list(plan)
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConfig) -> None:
-    """Replace the modules named in ``plan`` (as made by :func:`plan_injection`).
+def _check_new_adapter(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    """Refuse biases / ``modules_to_save`` beside another adapter (those train in place, not per
+    adapter, so two adapters would share and overwrite them)."""
+    if not [n for n in list_adapters(model) if n != adapter_name]:
+        return
+    in_place = [n for n, c in {**_configs(model), adapter_name: config}.items() if c.bias != "none" or c.modules_to_save]
+    if in_place:
+        raise ValueError(
+            f"adapter(s) {', '.join(map(repr, in_place))} train biases / modules_to_save, which are not per adapter; "
+            "a model with several adapters cannot have them"
+        )
+
+
+def apply_plan(
+    model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER
+) -> None:
+    """Add adapter ``adapter_name`` on the modules named in ``plan`` (as made by :func:`plan_injection`),
+    replacing plain layers by LoRA layers; it becomes the model's only active adapter.
 
     A module whose weight is shared with another parameter of ``model`` (GPT-2's ``lm_head`` tied
     to ``wte``) gets LoRA that never merges into that shared tensor: merge-on-eval skips it with a
     warning and :func:`merge_and_unload` refuses it, both naming the parameters it is tied to.
     """
+    _check_new_adapter(model, config, adapter_name)
     modules = dict(model.named_modules())
-    tied = tied_weights(model, list(plan))
+    tied = tied_weights(model, [p for p in plan if not isinstance(modules[p], LoRALayer)])
     new_layers = {}
     for path, spec in plan.items():
         base = modules[path]
+        if isinstance(base, LoRALayer):
+            continue
         layer = LORA_CLASSES[type(base)].from_module(
             base,
             r=spec.r,
@@ -120,16 +166,23 @@ def apply_plan(model: nn.Module, plan: Mapping[str, LayerSpec], config: LoRAConf
             merge_weights=config.merge_on_eval,
             init=config.init,
             use_rslora=config.use_rslora if spec.use_rslora is None else spec.use_rslora,
+            adapter_name=adapter_name,
         )
         layer._lora_path = path
         layer._tied_to = tied.get(path)
-        if not base.training:
-            # An injected model in eval mode behaves as eval() would have left it: merged.
-            layer.train(False)
         new_layers[path] = layer
+    for path, spec in plan.items():
+        if path not in new_layers:
+            use_rslora = config.use_rslora if spec.use_rslora is None else spec.use_rslora
+            modules[path].add_adapter(adapter_name, spec.r, spec.alpha, config.dropout, config.init, use_rslora)
     for path, layer in new_layers.items():
         _set_submodule(model, path, layer)
-    setattr(model, CONFIG_ATTR, config)
+        if not modules[path].training:
+            # An injected model in eval mode behaves as eval() would have left it: merged.
+            layer.train(False)
+    setattr(model, CONFIG_ATTR, {**_configs(model), adapter_name: config})
+    for layer in lora_layers(model).values():
+        layer.set_active_adapters([adapter_name] if adapter_name in layer.lora_adapters else [])
 
 
 def tied_weights(model: nn.Module, paths: Iterable[str]) -> dict[str, str]:
@@ -161,66 +214,169 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def get_config(model: nn.Module) -> LoRAConfig | None:
-    """The LoRAConfig ``model`` was injected with, if any."""
-    return getattr(model, CONFIG_ATTR, None)
+def _configs(model: nn.Module) -> dict[str, LoRAConfig]:
+    return dict(getattr(model, CONFIG_ATTR, None) or {})
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str | None = None) -> None:
-    """Freeze everything except the adapter: ``lora_A``/``lora_B``, biases per ``bias`` and ``modules_to_save``.
+def get_config(model: nn.Module, adapter_name: str | None = None) -> LoRAConfig | None:
+    """The LoRAConfig adapter ``adapter_name`` was injected with (``None``: the model's only adapter);
+    ``None`` if it has no config (layers built by hand) or the model has no adapter."""
+    if adapter_name is None and not list_adapters(model):
+        return None
+    return _configs(model).get(resolve_adapter_name(model, adapter_name))
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Every adapter name of ``model``'s LoRA layers, in the order they were added."""
+    present: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        present.update(dict.fromkeys(layer.lora_adapters))
+    injected = [n for n in _configs(model) if n in present]  # the configs keep the order of injection
+    return injected + [n for n in present if n not in injected]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters that ``model``'s LoRA layers add (active in at least one layer), in the order they were added."""
+    active = {n for layer in lora_layers(model).values() for n in layer.active_adapters}
+    return [n for n in list_adapters(model) if n in active]
+
+
+def resolve_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
+    """``adapter_name`` if the model has it; ``None``: the model's only adapter.
+
+    Raises:
+        ValueError: the model has no LoRA, no adapter of that name, or several adapters and none was named.
+    """
+    names = list_adapters(model)
+    if not names:
+        raise ValueError("the model has no LoRA layers: call convlora.inject_lora(model, config) first")
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(f"the model has several adapters ({', '.join(map(repr, names))}); name one with adapter_name=")
+        return names[0]
+    if adapter_name not in names:
+        raise ValueError(f"the model has no adapter {adapter_name!r} (it has {', '.join(map(repr, names))})")
+    return adapter_name
+
+
+def set_adapters(model: nn.Module, adapter_names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
+    """Make exactly ``adapter_names`` active, each at its weight: layers compute ``W + Σ_i w_i s_i B_i A_i``.
+
+    Args:
+        adapter_names: one name or a list (a layer without some of them adds the ones it has).
+        weights: one weight per name, one number for all, or ``None`` (1 each).
+
+    Merged layers are merged again from their saved base weight (never incrementally). Everything is
+    checked first; a bad call changes nothing.
+
+    Raises:
+        ValueError: unknown or repeated names, no names, a weights list of another length, or a weight
+            that is not a finite number.
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = list_adapters(model)
+    if not known:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"set_adapters: no adapter(s) {', '.join(map(repr, unknown))} in the model (it has {', '.join(map(repr, known))})")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"set_adapters needs distinct adapter names, got {names!r} (for base outputs use disable_lora)")
+    if weights is None or isinstance(weights, (int, float)):
+        weights = [1.0 if weights is None else weights] * len(names)
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"set_adapters: {len(weights)} weight(s) for {len(names)} adapter(s) {names!r}")
+    checked = {n: checked_adapter_weight(w, f"set_adapters: weight of adapter {n!r}") for n, w in zip(names, weights)}
+    for layer in lora_layers(model).values():
+        here = [n for n in names if n in layer.lora_adapters]
+        layer.set_active_adapters(here, {n: checked[n] for n in here})
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every layer; the other adapters are left bit-identical.
+
+    The active adapters stay active; if ``adapter_name`` was the only active one, the remaining
+    adapters become active. Layers left without adapters stay LoRA layers computing the base
+    output (:func:`unload` turns the model back into plain torch layers).
+
+    Raises:
+        ValueError: the model has no adapter of that name (nothing changed).
+    """
+    resolve_adapter_name(model, adapter_name)
+    active = [n for n in active_adapters(model) if n != adapter_name]
+    if not active:
+        active = [n for n in list_adapters(model) if n != adapter_name]
+    for layer in lora_layers(model).values():
+        if adapter_name in layer.lora_adapters:
+            layer.delete_adapter(adapter_name)
+        layer.set_active_adapters([n for n in active if n in layer.lora_adapters])
+    configs = _configs(model)
+    configs.pop(adapter_name, None)
+    setattr(model, CONFIG_ATTR, configs)
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str | None = None, adapter_name: str | None = None) -> None:
+    """Freeze everything except one adapter: its ``lora_A``/``lora_B``, biases per ``bias`` and ``modules_to_save``.
 
     Args:
         bias: ``"none"`` (no bias trains), ``"all"`` (every bias in the model), ``"lora_only"``
             (the biases of LoRA layers). ``None`` means the injected config's ``bias``.
+        adapter_name: the adapter that trains (``None``: the model's only adapter); the others are frozen.
     """
-    trainable = {id(p) for p in adapter_parameters(model, bias).values()}
+    trainable = {id(p) for p in adapter_parameters(model, bias, adapter_name).values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
 
 
-def adapter_parameters(model: nn.Module, bias: str | None = None) -> dict[str, nn.Parameter]:
-    """Name -> parameter for everything that belongs to the adapter (what trains and what is saved).
+def adapter_parameters(model: nn.Module, bias: str | None = None, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """Name -> parameter for everything that belongs to one adapter (what trains and what is saved).
 
-    Decided by structure, not by ``"lora" in name``: the LoRA layers' own ``lora_A`` / ``lora_B``,
-    then biases per ``bias``, then every parameter of the config's ``modules_to_save``.
+    Decided by structure, not by ``"lora" in name``: that adapter's ``lora_A`` / ``lora_B`` in each
+    LoRA layer (named ``<path>.lora_A`` / ``<path>.lora_B``, the adapter file's keys), then biases
+    per ``bias``, then every parameter of the config's ``modules_to_save``.
+
+    Args:
+        adapter_name: ``None``: the model's only adapter (an error when it has several).
     """
-    config = get_config(model)
+    name = resolve_adapter_name(model, adapter_name)
+    config = _configs(model).get(name)
     bias = bias if bias is not None else (config.bias if config is not None else "none")
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers: call convlora.inject_lora(model, config) first")
     params: dict[str, nn.Parameter] = {}
-    for path, layer in layers.items():
-        for name in LORA_PARAM_NAMES:
-            params[f"{path}.{name}"] = getattr(layer, name)
+    for path, layer in lora_layers(model).items():
+        if name not in layer.lora_adapters:
+            continue
+        adapter = layer.lora_adapters[name]
+        for param_name in LORA_PARAM_NAMES:
+            params[f"{path}.{param_name}"] = getattr(adapter, param_name)
         if bias == "lora_only" and layer.bias is not None:
             params[f"{path}.bias"] = layer.bias
     if bias == "all":
-        for name, param in model.named_parameters():
-            if name.rpartition(".")[2] == "bias":
-                params[name] = param
+        for param_name, param in model.named_parameters():
+            if param_name.rpartition(".")[2] == "bias":
+                params[param_name] = param
     to_save = config.modules_to_save if config is not None else None
     if to_save:
         matched = False
         for path, module in model.named_modules():
             if path and any(path_matches(t, path) for t in to_save):
                 matched = True
-                for name, param in module.named_parameters():
-                    params[f"{path}.{name}"] = param
+                for param_name, param in module.named_parameters():
+                    params[f"{path}.{param_name}"] = param
         if not matched:
             raise ValueError(f"modules_to_save {to_save} match no module of the model")
     return params
 
 
-def lora_state_dict(model: nn.Module, bias: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors only (detached): ``<path>.lora_A``, ``<path>.lora_B``, saved biases/modules.
+def lora_state_dict(model: nn.Module, bias: str | None = None, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's tensors only (detached): ``<path>.lora_A``, ``<path>.lora_B``, saved biases/modules.
 
     While a layer is merged its ``bias`` is unaffected (only the weight is merged), so the result is
     the same in train and eval mode.
     """
-    return {name: param.detach() for name, param in adapter_parameters(model, bias).items()}
+    return {name: param.detach() for name, param in adapter_parameters(model, bias, adapter_name).items()}
 
 
 def load_lora_state_dict(
@@ -229,8 +385,9 @@ def load_lora_state_dict(
     strict: bool = True,
     bias: str | None = None,
     source: str = "state dict",
+    adapter_name: str | None = None,
 ) -> None:
-    """Copy adapter tensors into ``model``; everything is checked before anything is written.
+    """Copy one adapter's tensors into ``model``; everything is checked before anything is written.
 
     Merged layers are unmerged, updated and merged again, so the model stays consistent.
 
@@ -240,7 +397,7 @@ def load_lora_state_dict(
         ValueError: tensors that hold NaN / inf once cast to their parameter's dtype (a float64
             ``1e300`` for a float32 parameter), named. Nothing is changed.
     """
-    params = adapter_parameters(model, bias)
+    params = adapter_parameters(model, bias, adapter_name)
     check_state_dict({k: p.shape for k, p in params.items()}, state_dict, strict=strict, source=source)
     check_adapter_tensors(state_dict, {k: p.dtype for k, p in params.items()}, source=source)
     layers = lora_layers(model)
@@ -287,28 +444,37 @@ def unchanged_on_error(*models: nn.Module | None) -> Iterator[None]:
         raise
 
 
-def _lora_snapshot(model: nn.Module) -> tuple[dict[str, tuple], LoRAConfig | None]:
-    state = {
-        path: (layer, layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.lora_alpha, layer.use_rslora, layer.merged)
-        for path, layer in lora_layers(model).items()
-    }
-    return state, get_config(model)
+def _lora_snapshot(model: nn.Module) -> tuple[dict[str, tuple], dict[str, LoRAConfig] | None]:
+    state = {}
+    for path, layer in lora_layers(model).items():
+        adapters = {
+            name: (a, a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.lora_alpha, a.use_rslora, a.weight)
+            for name, a in layer.lora_adapters.items()
+        }
+        state[path] = (layer, adapters, layer.active_adapters, layer.merged)
+    return state, getattr(model, CONFIG_ATTR, None)
 
 
-def _restore_lora(model: nn.Module, snapshot: tuple[dict[str, tuple], LoRAConfig | None]) -> None:
-    state, config = snapshot
-    if not state and lora_layers(model):
-        unload(model)  # the block injected these layers
-    for layer, lora_A, lora_B, alpha, use_rslora, merged in state.values():
+def _restore_lora(model: nn.Module, snapshot: tuple[dict[str, tuple], dict[str, LoRAConfig] | None]) -> None:
+    state, configs = snapshot
+    for path, layer in lora_layers(model).items():
+        if path not in state:  # the block injected this layer
+            _set_submodule(model, path, layer.to_base_layer(merge=False))
+    for path, (layer, adapters, active, merged) in state.items():
         layer.unmerge()
-        with torch.no_grad():
-            layer.lora_A.copy_(lora_A)
-            layer.lora_B.copy_(lora_B)
-        layer.lora_alpha, layer.use_rslora = alpha, use_rslora
+        if model.get_submodule(path) is not layer:
+            _set_submodule(model, path, layer)
+        layer.lora_adapters = nn.ModuleDict({name: saved[0] for name, saved in adapters.items()})
+        for adapter, lora_A, lora_B, alpha, use_rslora, weight in adapters.values():
+            with torch.no_grad():
+                adapter.lora_A.copy_(lora_A)
+                adapter.lora_B.copy_(lora_B)
+            adapter.lora_alpha, adapter.use_rslora, adapter.weight = alpha, use_rslora, weight
+        layer._active_adapters = active
         if merged:
-            layer.merge()  # these A, B merged before, so they merge again to the same weight
-    if config is not None:
-        setattr(model, CONFIG_ATTR, config)
+            layer.merge()  # these adapters merged before, so they merge again to the same weight
+    if configs is not None:
+        setattr(model, CONFIG_ATTR, configs)
     elif hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
 
@@ -357,9 +523,10 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def cast_lora_params(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
-    """Cast only the adapter's parameters (e.g. keep them fp32 on an fp16/bf16 base)."""
-    for param in adapter_parameters(model).values():
-        param.data = param.data.to(dtype)
+    """Cast only the adapters' parameters, every adapter's (e.g. keep them fp32 on an fp16/bf16 base)."""
+    for name in list_adapters(model):
+        for param in adapter_parameters(model, adapter_name=name).values():
+            param.data = param.data.to(dtype)
 
 
 def _replace_with_base_layers(model: nn.Module, layers: Mapping[str, LoRALayer], merge: bool) -> nn.Module:

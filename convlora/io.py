@@ -26,23 +26,26 @@ from convlora import header as headers
 from convlora.atomic import replace_folder, write_file_atomic
 from convlora.config import LoRAConfig
 from convlora.errors import LoRAFileError
-from convlora.inject import (
-    LayerSpec,
-    apply_plan,
-    get_config,
-    load_lora_state_dict,
-    lora_layers,
-    lora_state_dict,
-    temporarily_unmerged,
-    unchanged_on_error,
-)
-from convlora.layers import LORA_CLASSES, conv_geometry_record
+from convlora.inject import get_config, list_adapters, lora_layers, lora_state_dict, resolve_adapter_name, unchanged_on_error
+from convlora.layers import CONV_GEOMETRY_KEYS, conv_geometry_record
+from convlora.loading import AdapterLoad, ModuleLoad, load_adapter
 from convlora.state import check_finite, fingerprint
 
-__all__ = ["LoRAFileError", "load_lora", "read_safetensors", "replace_folder", "save_lora", "write_safetensors"]
+__all__ = [
+    "LoRAFileError",
+    "load_all_adapters",
+    "load_lora",
+    "read_safetensors",
+    "replace_folder",
+    "save_all_adapters",
+    "save_lora",
+    "write_safetensors",
+]
 
 FORMAT_VERSION = "1"
 RESERVED_KEYS = ("convlora_format", "convlora_config", "convlora_modules", "convlora_fingerprint")
+#: The file name of each adapter in a :func:`save_all_adapters` folder: ``<adapter name>.safetensors``.
+ADAPTER_SUFFIX = ".safetensors"
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
@@ -95,23 +98,28 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
-    """Save the adapter of ``model`` (tensors + config, per-module rank/alpha, base fingerprint).
+def save_lora(
+    model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, adapter_name: str | None = None
+) -> Path:
+    """Save one adapter of ``model`` (tensors + config, per-module rank/alpha, base fingerprint).
 
     Args:
         metadata: extra string -> string entries for the header (keys may not start with ``convlora_``).
+        adapter_name: the adapter to save; ``None``: the model's only adapter.
 
     Raises:
-        ValueError: the model has no LoRA layers, an adapter tensor is non-finite, or ``metadata``
-            uses a reserved key or a non-string value.
+        ValueError: the model has no LoRA layers, several adapters and none named, an unknown name, an
+            adapter tensor is non-finite, or ``metadata`` uses a reserved key or a non-string value.
     """
     extra = headers.user_metadata(metadata)
-    layers = lora_layers(model)
-    tensors = lora_state_dict(model)
-    config = get_config(model)
+    name = resolve_adapter_name(model, adapter_name)
+    adapters = {p: layer.lora_adapters[name] for p, layer in lora_layers(model).items() if name in layer.lora_adapters}
+    layers = {p: layer for p, layer in lora_layers(model).items() if p in adapters}
+    tensors = lora_state_dict(model, adapter_name=name)
+    config = get_config(model, name)
     header = {
         "convlora_format": FORMAT_VERSION,
-        "convlora_modules": json.dumps(_module_table(layers, config), sort_keys=True),
+        "convlora_modules": json.dumps(_module_table(layers, adapters, config), sort_keys=True),
         "convlora_fingerprint": fingerprint(_base_shapes(layers)),
         **extra,
     }
@@ -120,12 +128,51 @@ def save_lora(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, 
     return write_safetensors(tensors, path, header)
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
-    """Load a native convlora file into ``model``.
+def save_all_adapters(model: nn.Module, folder: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save every adapter of ``model`` as ``<folder>/<adapter name>.safetensors`` (each a :func:`save_lora` file).
 
-    If ``model`` has no LoRA layers yet, they are injected first exactly as the file describes
-    (paths, ranks, alphas). If it has, the file must describe the same adapted modules on the same
-    base shapes (the fingerprint), unless ``strict=False``.
+    The folder is written atomically (:func:`convlora.atomic.replace_folder`): a failure leaves the
+    previous folder, never some of the files. :func:`load_all_adapters` reads it back.
+
+    Returns:
+        ``folder``.
+    """
+    names = list_adapters(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to save")
+
+    def write(tmp: Path) -> None:
+        for name in names:
+            save_lora(model, tmp / f"{name}{ADAPTER_SUFFIX}", metadata, adapter_name=name)
+
+    return replace_folder(folder, write)
+
+
+def load_all_adapters(model: nn.Module, folder: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load every ``<name>.safetensors`` of ``folder`` (as :func:`save_all_adapters` writes it) as adapter
+    ``name``, all or nothing; returns the adapter names, in file-name order.
+
+    Raises:
+        FileNotFoundError: no such folder, or no ``.safetensors`` file in it.
+        What :func:`load_lora` raises for any file (nothing in ``model`` is changed then).
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob(f"*{ADAPTER_SUFFIX}")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no adapter files (*{ADAPTER_SUFFIX}) in {folder}")
+    with unchanged_on_error(model):
+        for file in files:
+            load_lora(model, file, strict=strict, adapter_name=file.name[: -len(ADAPTER_SUFFIX)])
+    return [file.name[: -len(ADAPTER_SUFFIX)] for file in files]
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, adapter_name: str | None = None) -> list[str]:
+    """Load a native convlora file into ``model`` (through :func:`convlora.loading.load_adapter`).
+
+    The adapter it loads into: ``adapter_name`` (added if the model does not have it yet, exactly as
+    the file describes: paths, ranks, alphas, rsLoRA); ``None``: the model's only adapter, or a new
+    ``"default"`` one if it has none. Into an existing adapter the file must describe the same adapted
+    modules on the same base shapes (the fingerprint), unless ``strict=False``.
 
     Returns:
         The module paths that were loaded.
@@ -145,25 +192,19 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
         )
     config = headers.header_config(header, str(path))
     default_rslora = config.use_rslora if config is not None else False
-    layers = lora_layers(model)
-    with unchanged_on_error(model):
-        if not layers:
-            _check_base_fits(model, table, path)
-            plan = {p: LayerSpec(m["r"], m["alpha"], m.get("use_rslora", default_rslora)) for p, m in table.items()}
-            apply_plan(model, plan, config or _config_for_table(table))
-            layers = lora_layers(model)
-        elif strict:
-            _check_fingerprint(layers, table, header, path)
-        loaded = [p for p in table if p in layers]
-        with temporarily_unmerged([layers[p] for p in loaded]):
-            load_lora_state_dict(model, tensors, strict=strict, source=str(path))
-            for p in loaded:  # the layer keeps its scaling from these two
-                layers[p].lora_alpha = table[p]["alpha"]
-                layers[p].use_rslora = table[p].get("use_rslora", default_rslora)
-    return loaded
+    modules = {
+        p: ModuleLoad(
+            m["r"], m["alpha"], m.get("use_rslora", default_rslora),
+            geometry={k: m[k] for k in CONV_GEOMETRY_KEYS if k in m} or None, base_shape=tuple(m["base_shape"]),
+        )
+        for p, m in table.items()
+    }
+    load = AdapterLoad(modules, tensors, str(path), config=config or _config_for_table(table), bias=None,
+                       fingerprint=header.get("convlora_fingerprint"))
+    return load_adapter(model, load, adapter_name=adapter_name, strict=strict)
 
 
-def _module_table(layers, config: LoRAConfig | None) -> dict[str, dict]:
+def _module_table(layers, adapters, config: LoRAConfig | None) -> dict[str, dict]:
     """Per module: kind, rank, alpha, base weight shape and, for convs, ``groups`` / ``dilation`` /
     ``padding_mode`` (so a file converted without its model can still be checked for export); plus
     ``use_rslora`` where the module's scaling rule differs from the config's (mixed adapters)."""
@@ -171,11 +212,11 @@ def _module_table(layers, config: LoRAConfig | None) -> dict[str, dict]:
     return {
         path: {
             "type": type(layer).__name__,
-            "r": layer.r,
-            "alpha": layer.lora_alpha,
+            "r": adapters[path].r,
+            "alpha": adapters[path].lora_alpha,
             "base_shape": list(layer.weight.shape),
             **(conv_geometry_record(layer) or {}),
-            **({"use_rslora": layer.use_rslora} if layer.use_rslora != default_rslora else {}),
+            **({"use_rslora": adapters[path].use_rslora} if adapters[path].use_rslora != default_rslora else {}),
         }
         for path, layer in layers.items()
     }
@@ -183,37 +224,6 @@ def _module_table(layers, config: LoRAConfig | None) -> dict[str, dict]:
 
 def _base_shapes(layers) -> dict[str, tuple[int, ...]]:
     return {path: tuple(layer.weight.shape) for path, layer in layers.items()}
-
-
-def _check_base_fits(model: nn.Module, table: Mapping[str, dict], path) -> None:
-    modules = dict(model.named_modules())
-    problems = []
-    for module_path, entry in table.items():
-        module = modules.get(module_path)
-        if module is None:
-            problems.append(f"{module_path}: no such module")
-        elif type(module) not in LORA_CLASSES:
-            problems.append(f"{module_path}: is a {type(module).__name__}, not a layer LoRA can wrap")
-        elif list(module.weight.shape) != list(entry["base_shape"]):
-            problems.append(f"{module_path}: base weight is {tuple(module.weight.shape)}, file was made for {tuple(entry['base_shape'])}")
-    if problems:
-        raise ValueError(f"{path} was made for a different base model: " + "; ".join(problems[:12]))
-
-
-def _check_fingerprint(layers, table: Mapping[str, dict], header: Mapping[str, str], path) -> None:
-    if fingerprint(_base_shapes(layers)) == header.get("convlora_fingerprint"):
-        return
-    problems = [f"{p}: in the file, not adapted in the model" for p in table if p not in layers]
-    problems += [f"{p}: adapted in the model, not in the file" for p in layers if p not in table]
-    problems += [
-        f"{p}: base weight is {tuple(layers[p].weight.shape)}, file was made for {tuple(table[p]['base_shape'])}"
-        for p in table
-        if p in layers and list(layers[p].weight.shape) != list(table[p]["base_shape"])
-    ]
-    raise ValueError(
-        f"{path} was made for a different base model (fingerprint mismatch): "
-        + ("; ".join(problems[:12]) or "base shapes differ")
-    )
 
 
 def _config_for_table(table: Mapping[str, dict]) -> LoRAConfig:

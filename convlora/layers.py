@@ -1,31 +1,38 @@
-"""LoRA layers that *are* their torch layers.
+"""LoRA layers that *are* their torch layers, each holding one or more named adapters.
 
 ``convlora.Conv2d`` subclasses ``nn.Conv2d``: it owns the base ``weight`` / ``bias`` under their
-original names and adds ``lora_A`` / ``lora_B``. The adapted weight is ``W + s * ΔW`` with
-``ΔW = B @ A`` (flattened; see :func:`convlora.state.delta_weight`) and ``s = alpha / r``.
+original names and adds ``lora_adapters``, an ``nn.ModuleDict`` of :class:`LoRAAdapter` modules
+(``"default"`` unless named otherwise), each with its own ``lora_A``, ``lora_B``, rank, alpha, rsLoRA
+flag and ``weight``. The adapted weight is ``W + Σ_i w_i s_i ΔW_i`` over the *active* adapters, with
+``ΔW_i = B_i @ A_i`` (flattened; see :func:`convlora.state.delta_weight`) and ``s_i = alpha_i / r_i``
+(``/ sqrt(r_i)`` with rsLoRA). With one adapter this is today's ``W + s ΔW``; the layer's
+``lora_A`` / ``lora_B`` / ``r`` / ``lora_alpha`` / ``use_rslora`` / ``scaling`` answer for its single
+active adapter (a named error when several are active).
 
-Shapes (the README's LoRA math section):
+Shapes (the README's LoRA math section; :meth:`LoRALayer.lora_shapes_for` is the one place they are computed):
     Linear ``W (out, in)``:              ``lora_A (r, in)``,             ``lora_B (out, r)``
     ConvNd ``W (C_out, C_in/g, *k)``:    ``lora_A (r, C_in/g, *k)``,     ``lora_B (C_out, r, *1s)``
     GPT-2 ``Conv1D`` ``W (in, out)``:    ``lora_A (r, in)``,             ``lora_B (out, r)``
 
-Merge-on-eval (loralib's contract, made exact): ``eval()`` merges ``s * ΔW`` into the weight (the
-merge is computed in float32 and cast back; a result that is not finite *in the weight's own dtype*
-is refused and changes nothing), ``train()`` restores the weight **bit-exactly** from a copy taken
-at merge time, so no drift accumulates over any number of cycles in any dtype. While merged,
-``state_dict()`` still reports the base weight, so a checkpoint taken in eval mode is a clean base +
-adapter.
+Merge-on-eval (loralib's contract, made exact): ``eval()`` merges ``Σ w_i s_i ΔW_i`` into the weight
+(the sum is computed in float32 in :meth:`LoRALayer.delta_weight` and cast back once; a result that is
+not finite *in the weight's own dtype* is refused and changes nothing), ``train()`` restores the weight
+**bit-exactly** from a copy taken at merge time, so no drift accumulates over any number of cycles in
+any dtype. While merged, ``state_dict()`` still reports the base weight, so a checkpoint taken in eval
+mode is a clean base + adapters.
 
-A merged layer stays true to its A, B and scaling: when any of them changed since the merge (an
-optimizer step in eval mode, a load, a new alpha) the next forward merges again from the saved base
-weight. ``eval()`` itself never raises: a layer that cannot be merged (sharded, quantized, tied to
-another module's weight, or non-finite once merged) runs unmerged, with one warning naming why.
+A merged layer stays true to its adapters: when the active set, any active A, B, alpha, rsLoRA flag or
+weight changed since the merge (an optimizer step in eval mode, a load, ``set_adapters``) the next
+forward merges again from the saved base weight. ``eval()`` itself never raises: a layer that cannot be
+merged (sharded, quantized, tied to another module's weight, or non-finite once merged) runs unmerged,
+with one warning naming why.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +42,9 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from convlora import fused
 from convlora.state import checked_alpha, checked_rank, delta_weight, scaling_for
+
+#: The name an adapter gets when none is given (as in PEFT and diffusers).
+DEFAULT_ADAPTER = "default"
 
 _WARNED: set[str] = set()
 
@@ -46,17 +56,125 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def checked_adapter_weight(value: object, what: str = "adapter weight") -> float:
+    """``value`` as a float if it is a usable adapter weight (LoRA strength): a finite real number.
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def checked_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter: a non-empty string without ``.``, ``/`` or ``\\`` (it becomes a
+    module name and, in :func:`convlora.save_all_adapters`, a file name).
+
+    Raises:
+        ValueError: naming the value.
+    """
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
+        raise ValueError(f"an adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
+    return name
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter of a LoRA layer: ``w * s * B @ A`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+    Attributes:
+        lora_A: ``(r, in)`` for Linear / GPT-2 Conv1D, ``(r, C_in/g, *k)`` for ConvNd.
+        lora_B: ``(out, r)``, ``(C_out, r, *1s)``.
+        r: rank.
+        lora_alpha: scaling numerator (a finite number > 0).
+        use_rslora: ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        weight: the adapter's weight in the layer's sum (LoRA strength; 1 as trained).
+        scaling: ``weight * trained_scaling``, the one number every code path multiplies ``B A x`` by.
+        lora_dropout: dropout on the branch's input while training (``nn.Identity`` for p = 0).
+    """
+
+    def __init__(self, a_shape: Sequence[int], b_shape: Sequence[int], lora_alpha: float | None, dropout: float,
+                 use_rslora: bool, init: str, factory: dict[str, Any], owner: str = "LoRA layer") -> None:
+        super().__init__()
+        r = checked_rank(int(a_shape[0]), "LoRA rank r")
+        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        self._owner = owner
+        self.r = r
+        self._use_rslora = use_rslora
+        self._lora_alpha = checked_alpha(r if lora_alpha is None else lora_alpha, f"lora_alpha of {owner}")
+        self._weight = 1.0
+        # nn.Identity, not a lambda: module state must be a module (and p = 0 costs nothing).
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(tuple(a_shape), **factory))
+        self.lora_B = nn.Parameter(torch.zeros(tuple(b_shape), **factory))
+        self.reset_parameters(init)
+
+    @property
+    def lora_alpha(self) -> float:
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        self._lora_alpha = checked_alpha(value, f"lora_alpha of {self._owner}")
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"use_rslora of {self._owner} must be True or False, got {value!r}")
+        self._use_rslora = value
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = checked_adapter_weight(value, f"adapter weight of {self._owner}")
+
+    @property
+    def trained_scaling(self) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA): the scaling at weight 1."""
+        return scaling_for(self.r, self._lora_alpha, self._use_rslora)
+
+    @property
+    def scaling(self) -> float:
+        return self.trained_scaling * self._weight
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """A: Kaiming-uniform (a=sqrt(5), as ``nn.Linear``) or N(0, 1/r²); B: zeros, so ΔW = 0."""
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+            nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self._lora_alpha:g}, use_rslora={self._use_rslora}, weight={self._weight:g}"
+
+
 class LoRALayer:
     """Behaviour shared by every LoRA layer; mixed in before the torch class it adapts.
 
     Attributes:
-        r: rank of the update.
-        lora_alpha: scaling numerator (a finite number > 0; setting it updates ``scaling``).
-        use_rslora: ``alpha / sqrt(r)`` scaling instead of ``alpha / r`` (setting it updates ``scaling``).
-        scaling: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), kept by the layer from the two above.
+        lora_adapters: ``nn.ModuleDict`` name -> :class:`LoRAAdapter`, in the order they were added.
+        active_adapters: the names whose ``w * s * B A`` the layer adds (set with :meth:`set_active_adapters`).
         merge_weights: whether ``eval()`` merges and ``train()`` unmerges.
-        merged: whether ``s * ΔW`` is currently inside ``weight``.
+        merged: whether ``Σ w_i s_i ΔW_i`` of the active adapters is currently inside ``weight``.
         lora_disabled: when True the layer computes the base output only.
+
+    ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``use_rslora``, ``scaling`` and ``lora_dropout`` are
+    those of :meth:`adapter` (the single active adapter). Setting ``scaling`` sets that adapter's
+    ``weight`` to ``scaling / (alpha / r)``; the layer never stores a scaling of its own.
     """
 
     torch_class: type[nn.Module]  # the plain torch class this LoRA class adapts
@@ -70,64 +188,29 @@ class LoRALayer:
         merge_weights: bool,
         init: str = "kaiming",
         use_rslora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
-        checked_rank(r, "LoRA rank r")
-        if isinstance(lora_dropout, bool) or not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if not isinstance(use_rslora, bool):
-            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
-        self.r = r
-        self._use_rslora = use_rslora
-        self._lora_alpha = float(r)
-        self.lora_alpha = r if lora_alpha is None else lora_alpha  # checked; sets self.scaling
         self.merge_weights = merge_weights
         self.merged = False
         self.lora_disabled = False
-        # nn.Identity, not a lambda: module state must be a module (and p = 0 costs nothing).
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        a_shape, b_shape = self._lora_shapes(r)
-        weight = self.weight
-        factory = {"dtype": weight.dtype, "device": weight.device}
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
+        self.lora_adapters = nn.ModuleDict()
+        self._active_adapters: tuple[str, ...] = ()
         # The exact pre-merge weight while merged; non-persistent, so never saved.
         self.register_buffer("_unmerged_weight", None, persistent=False)
-        self._merged_lora: _MergeRecord | None = None  # the A, B and scaling the merge was made with
-        self.reset_lora_parameters(init)
+        self._merged_lora: _MergeRecord | None = None  # the adapters the merge was made with
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init=init, use_rslora=use_rslora)
 
-    # ---- alpha and rsLoRA: the layer owns its scaling -------------------------------------------
-    @property
-    def lora_alpha(self) -> float:
-        return self._lora_alpha
+    @classmethod
+    def lora_shapes_for(cls, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(lora_A shape, lora_B shape)`` of a rank-``r`` adapter on ``base`` (this class's torch
+        layer, or a LoRA layer of this class); read from ``base.weight``'s shape, so a ``meta`` module works."""
+        raise NotImplementedError
 
-    @lora_alpha.setter
-    def lora_alpha(self, value: float) -> None:
-        self._lora_alpha = checked_alpha(value, f"lora_alpha of {self._describe()}")
-        self.scaling = scaling_for(self.r, self._lora_alpha, self._use_rslora)
-
-    @property
-    def use_rslora(self) -> bool:
-        return self._use_rslora
-
-    @use_rslora.setter
-    def use_rslora(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"use_rslora of {self._describe()} must be True or False, got {value!r}")
-        self._use_rslora = value
-        self.scaling = scaling_for(self.r, self._lora_alpha, value)
-
-    def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """A: Kaiming-uniform (a=sqrt(5), as ``nn.Linear``) or N(0, 1/r²); B: zeros, so ΔW = 0."""
-        if self.merged:
-            raise RuntimeError("reset_lora_parameters on a merged layer: call train() or unmerge() first")
-        with torch.no_grad():
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            elif init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
-            nn.init.zeros_(self.lora_B)
+    @classmethod
+    def base_shape_for(cls, a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple[int, ...]:
+        """The base weight shape implied by an adapter's A and B shapes (the inverse of :meth:`lora_shapes_for`):
+        ``(out, in)`` for Linear, ``(C_out, C_in/g, *k)`` for ConvNd."""
+        return (int(b_shape[0]), *(int(s) for s in a_shape[1:]))
 
     @classmethod
     def from_module(
@@ -139,8 +222,10 @@ class LoRALayer:
         merge_weights: bool = True,
         init: str = "kaiming",
         use_rslora: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> "LoRALayer":
-        """Wrap an existing layer, sharing its ``weight`` / ``bias`` tensors (nothing re-initialised).
+        """Wrap an existing layer, sharing its ``weight`` / ``bias`` tensors (nothing re-initialised),
+        with one adapter named ``adapter_name``.
 
         The new layer takes over the base module's attributes, parameters, buffers and hooks; the
         base module itself is left as it was.
@@ -156,11 +241,11 @@ class LoRALayer:
             )
         layer = cls.__new__(cls)
         layer.__dict__.update(_copy_module_state(base.__dict__))
-        layer._init_lora(r, alpha, dropout, merge_weights, init=init, use_rslora=use_rslora)
+        layer._init_lora(r, alpha, dropout, merge_weights, init=init, use_rslora=use_rslora, adapter_name=adapter_name)
         return layer
 
     def to_base_layer(self, merge: bool) -> nn.Module:
-        """A plain torch layer sharing this layer's base tensors, with ``s * ΔW`` merged in or dropped.
+        """A plain torch layer sharing this layer's base tensors, with the active adapters merged in or dropped.
 
         Used by :func:`convlora.merge_and_unload` and :func:`convlora.unload`.
         """
@@ -169,9 +254,7 @@ class LoRALayer:
         else:
             self.unmerge()
         state = _copy_module_state(self.__dict__)
-        for name in ("lora_A", "lora_B"):
-            state["_parameters"].pop(name)
-        state["_modules"].pop("lora_dropout")
+        state["_modules"].pop("lora_adapters")
         state["_buffers"].pop("_unmerged_weight")
         state["_non_persistent_buffers_set"].discard("_unmerged_weight")
         for name in _LORA_ATTRIBUTES:
@@ -180,13 +263,145 @@ class LoRALayer:
         base.__dict__.update(state)
         return base
 
+    # ---- adapters: add, delete, activate ----------------------------------------------------------
+    def add_adapter(
+        self, name: str, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+        init: str = "kaiming", use_rslora: bool = False,
+    ) -> LoRAAdapter:
+        """Add an adapter (``lora_B = 0``, so outputs are unchanged) and make it the only active one.
+
+        Raises:
+            ValueError: a bad name, rank, alpha or dropout, or a name the layer already has.
+        """
+        checked_adapter_name(name)
+        if name in self.lora_adapters:
+            raise ValueError(f"{self._describe()} already has an adapter named {name!r}")
+        a_shape, b_shape = self.lora_shapes_for(self, checked_rank(r, "LoRA rank r"))
+        weight = self.weight
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        adapter = LoRAAdapter(a_shape, b_shape, lora_alpha, lora_dropout, use_rslora, init, factory, self._describe())
+        self._set_active((name,), lambda: self.lora_adapters.__setitem__(name, adapter))
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (the others are untouched); a merged layer re-merges the rest."""
+        if name not in self.lora_adapters:
+            raise ValueError(f"{self._describe()} has no adapter {name!r} (it has {_names(self.lora_adapters)})")
+        active = tuple(n for n in self._active_adapters if n != name)
+        self._set_active(active, lambda: self.lora_adapters.pop(name))
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._active_adapters
+
+    def set_active_adapters(self, names: Iterable[str], weights: Mapping[str, float] | None = None) -> None:
+        """Make exactly ``names`` active (in that order), optionally setting adapters' weights first; a
+        merged layer (or one in eval mode that had nothing to merge) is merged again from its saved base.
+
+        Raises:
+            ValueError: a name the layer does not have, a name given twice, a non-finite weight; nothing changed.
+        """
+        names = tuple(names)
+        weights = dict(weights or {})
+        unknown = [n for n in (*names, *weights) if n not in self.lora_adapters]
+        if unknown:
+            raise ValueError(f"{self._describe()} has no adapter(s) {_names(unknown)} (it has {_names(self.lora_adapters)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names given twice: {_names(names)}")
+        for name, value in weights.items():
+            checked_adapter_weight(value, f"weight of adapter {name!r}")
+
+        def set_weights() -> None:
+            for name, value in weights.items():
+                self.lora_adapters[name].weight = value
+
+        self._set_active(names, set_weights)
+
+    def _set_active(self, names: tuple[str, ...], change: Callable[[], object] | None = None) -> None:
+        """Set the active names (after running ``change``), unmerged while they change, merged again after
+        if it was merged or, in eval mode with merge-on-eval, had no adapter to merge before."""
+        remerge = self.merged or (
+            not self._active_adapters and len(self.lora_adapters) > 0
+            and self.merge_weights and not self.training and not self.lora_disabled
+        )
+        self.unmerge()
+        if change is not None:
+            change()
+        self._active_adapters = names
+        if remerge:
+            self._merge_or_run_unmerged()
+
+    def adapter(self, name: str | None = None) -> LoRAAdapter:
+        """Adapter ``name``; ``None``: the single active adapter (or the only one, when none is active).
+
+        Raises:
+            AttributeError: the layer holds no adapter (so ``hasattr(layer, "lora_A")`` is False).
+            ValueError: ``name`` is not one of the layer's adapters, or ``None`` is ambiguous (several active).
+        """
+        if name is not None:
+            if name not in self.lora_adapters:
+                raise ValueError(f"{self._describe()} has no adapter {name!r} (it has {_names(self.lora_adapters)})")
+            return self.lora_adapters[name]
+        names = self._active_adapters or tuple(self.lora_adapters)
+        if len(names) == 1:
+            return self.lora_adapters[names[0]]
+        if not names:
+            raise AttributeError(f"{self._describe()} holds no LoRA adapter")
+        raise ValueError(
+            f"{self._describe()} has several active adapters ({_names(names)}); name one: layer.adapter(name)"
+        )
+
+    def _active(self) -> list[LoRAAdapter]:
+        modules = self.lora_adapters._modules
+        return [modules[n] for n in self._active_adapters]
+
+    # read-compatible views of the single active adapter
+    lora_A = property(lambda self: self.adapter().lora_A, doc="``lora_A`` of :meth:`adapter`.")
+    lora_B = property(lambda self: self.adapter().lora_B, doc="``lora_B`` of :meth:`adapter`.")
+    r = property(lambda self: self.adapter().r, doc="rank of :meth:`adapter`.")
+    lora_dropout = property(lambda self: self.adapter().lora_dropout, doc="dropout of :meth:`adapter`.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.adapter().lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        self.adapter().lora_alpha = value
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.adapter().use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        self.adapter().use_rslora = value
+
+    @property
+    def scaling(self) -> float:
+        """``weight * alpha / r`` (``/ sqrt(r)`` with rsLoRA) of :meth:`adapter`."""
+        return self.adapter().scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        adapter = self.adapter()
+        adapter.weight = checked_adapter_weight(value, f"scaling of {self._describe()}") / adapter.trained_scaling
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """Re-initialise every adapter: A per ``init``, B zeros (so ΔW = 0)."""
+        if self.merged:
+            raise RuntimeError("reset_lora_parameters on a merged layer: call train() or unmerge() first")
+        for adapter in self.lora_adapters.values():
+            adapter.reset_parameters(init)
+
     # ---- the geometry of one kind of layer (overridden per class) ------------------------------
-    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _lora_branch(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        """``s * B(A(x))`` of ``adapter`` for an input already passed through dropout; shaped like the base output."""
         raise NotImplementedError
 
-    def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B(A(x))`` for an input already passed through dropout; output shaped like the base's."""
-        raise NotImplementedError
+    def _fused_forward(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor | None:
+        """Base output plus ``adapter``'s branch through :mod:`convlora.fused`, or None where it does not apply."""
+        return None
 
     def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """Turn ΔW from the ``(out, in/g, *k)`` convention into this layer's weight layout."""
@@ -194,12 +409,20 @@ class LoRALayer:
 
     # ---- ΔW, merge, unmerge --------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """``s * ΔW`` in this layer's weight layout, float32 (the one place ΔW is computed)."""
-        return self._delta_to_weight_layout(delta_weight(self.lora_A, self.lora_B, self.scaling))
+        """``Σ_i w_i s_i B_i A_i`` over the active adapters, in this layer's weight layout, float32
+        (the one place the merged update is computed; zeros when none is active)."""
+        total = None
+        for adapter in self._active():
+            delta = delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in/g, *k)
+            total = delta if total is None else total.add_(delta.to(total.device))
+        if total is None:
+            return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        return self._delta_to_weight_layout(total)
 
     def merge(self) -> None:
-        """Add ``s * ΔW`` into ``weight`` (fp32 math, cast back). A no-op if merged with the current A, B
-        and scaling; merged with older ones, the merge is redone from the saved base weight.
+        """Add the active adapters' update into ``weight`` (fp32 math, cast back once). A no-op if merged
+        with the current adapters (or none is active); merged with older ones, the merge is redone from
+        the saved base weight.
 
         Raises:
             ValueError: the merged weight would hold NaN/inf once cast to the weight's dtype (e.g. an
@@ -210,6 +433,8 @@ class LoRALayer:
             if not self._merge_is_stale(compare_values=True):
                 return
             self.unmerge()
+        if not self._active_adapters:
+            return
         blocker = self._merge_blocker()
         if blocker is not None:
             raise RuntimeError(f"cannot merge LoRA into {self._describe()}: its weight is {blocker}")
@@ -248,6 +473,8 @@ class LoRALayer:
 
     def _merge_or_run_unmerged(self) -> None:
         """Merge-on-eval: merge, or say once why not and leave the layer unmerged (same outputs)."""
+        if not self._active_adapters:
+            return
         blocker = self._merge_blocker()
         if blocker is not None:
             _warn_once(
@@ -261,8 +488,8 @@ class LoRALayer:
             _warn_once(f"convlora: merge-on-eval skipped: {err}; the layer runs unmerged.")
 
     def _merge_is_stale(self, compare_values: bool) -> bool:
-        """Whether A, B or the scaling changed since the merge (``compare_values``: also by value, which
-        catches in-place writes through ``.data`` that bump no version counter)."""
+        """Whether the active adapters or their A, B or scaling changed since the merge (``compare_values``:
+        also by value, which catches in-place writes through ``.data`` that bump no version counter)."""
         record = self._merged_lora
         return record is None or not record.matches(self, compare_values)
 
@@ -285,30 +512,43 @@ class LoRALayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_disabled:
             return super().forward(x)
-        if not self.merged:
-            return self._adapted_forward(x)
-        learning = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        if self.merged:
+            return self._merged_forward(x)
+        return self._adapted_forward(x)
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = self._active()
+        learning = torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
         if self._merge_is_stale(compare_values=learning):
-            # A or B moved since the merge (e.g. an optimizer step in eval mode): merge them again.
+            # An adapter moved since the merge (e.g. an optimizer step in eval mode): merge them again.
             self.unmerge()
             self._merge_or_run_unmerged()
             if not self.merged:
                 return self._adapted_forward(x)
-        result = super().forward(x)  # the merged weight already carries s * ΔW
+        result = super().forward(x)  # the merged weight already carries the adapters' update
         if learning:
             # A merged forward alone gives A and B no gradient, so training in eval mode would
             # silently learn nothing. Add a branch whose value is exactly zero and whose gradient
             # w.r.t. A and B is the unmerged one; x is detached because the input gradient already
             # flows through the merged weight.
-            branch = self._lora_branch(x.detach().to(self.lora_A.dtype))
-            result = result + (branch - branch.detach()).to(result.dtype)
+            for adapter in adapters:
+                if adapter.lora_A.requires_grad or adapter.lora_B.requires_grad:
+                    branch = self._lora_branch(x.detach().to(adapter.lora_A.dtype), adapter)
+                    result = result + (branch - branch.detach()).to(result.dtype)
         return result
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the LoRA branch (the unmerged path)."""
+        """Base output plus the active adapters' branches (the unmerged path); one adapter takes the fused path."""
+        adapters = self._active()
+        if len(adapters) == 1:
+            fast = self._fused_forward(x, adapters[0])
+            if fast is not None:
+                return fast
         result = super().forward(x)
-        lora = self._lora_branch(self.lora_dropout(x).to(self.lora_A.dtype))
-        return result + lora.to(result.dtype)
+        for adapter in adapters:
+            lora = self._lora_branch(adapter.lora_dropout(x).to(adapter.lora_A.dtype), adapter)
+            result = result + lora.to(result.dtype)
+        return result
 
     # ---- state dict: a merged layer still saves its base weight --------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -318,22 +558,25 @@ class LoRALayer:
             destination[prefix + "weight"] = saved if keep_vars else saved.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The base weight loads into the unmerged layer; the adapters (child modules) load after this,
+        # so the layer merges again on its next forward (their version counters moved).
         was_merged = self.merged
         self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if was_merged:
-            self.merge()
+            self._merge_or_run_unmerged()
 
     def _describe(self) -> str:
         name = getattr(self, "_lora_path", None)
         return f"{name} ({type(self).__name__})" if name else type(self).__name__
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, merged={self.merged}"
+        adapters = ", ".join(f"{n}{'*' if n in self._active_adapters else ''}" for n in self.lora_adapters)
+        return f"{super().extra_repr()}, adapters=[{adapters}], merged={self.merged}"
 
 
 class Linear(LoRALayer, nn.Linear):
-    """LoRA ``nn.Linear``: ``y = x W^T + b + s * (x A^T) B^T``.
+    """LoRA ``nn.Linear``: ``y = x W^T + b + Σ_i s_i (x A_i^T) B_i^T``.
 
     ``Linear(in, out, r=8, lora_alpha=None, lora_dropout=0., merge_weights=True, **linear_kwargs)``
     is a drop-in for ``loralib.Linear`` (like loralib it freezes ``weight``; ``lora_alpha=None``
@@ -356,17 +599,17 @@ class Linear(LoRALayer, nn.Linear):
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
         self.weight.requires_grad = False
 
-    def _lora_shapes(self, r):
-        return (r, self.in_features), (self.out_features, r)
+    @classmethod
+    def lora_shapes_for(cls, base, r):
+        n_out, n_in = base.weight.shape  # (out, in)
+        return (r, n_in), (n_out, r)
 
-    def _lora_branch(self, x):
+    def _lora_branch(self, x, adapter):
         # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, out) -> (..., out)
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(F.linear(x, adapter.lora_A) * adapter.scaling, adapter.lora_B)
 
-    def _adapted_forward(self, x):
-        if fused.fused_supported(self, x):
-            return fused.linear_lora_forward(self, x)
-        return super()._adapted_forward(x)
+    def _fused_forward(self, x, adapter):
+        return fused.linear_lora_forward(self, x, adapter) if fused.fused_supported(self, x, adapter) else None
 
 
 #: The keys of :func:`conv_geometry_record` (and of a conv's entry in a convlora file's module table).
@@ -393,27 +636,26 @@ class _ConvLoRA(LoRALayer):
     g times, ``(g*r, C_in/g, *k)``, and B a grouped 1×1 conv, ``(C_out, r, *1s)``; together they
     equal a conv with ``ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...]`` — the same formula as the merge.
 
-    In training on CPU the unmerged forward/backward runs through :mod:`convlora.fused` (one
-    convolution for ``W`` and ``A`` together, no gradient for the frozen weight); it reads the same
-    geometry from the layer (:func:`convlora.fused.conv_geometry`, resolved as ``_conv_forward``
-    resolves it) and is tested equal to this formula for every geometry.
+    In training on CPU the unmerged forward/backward of a single active adapter runs through
+    :mod:`convlora.fused` (one convolution for ``W`` and ``A`` together, no gradient for the frozen
+    weight); it reads the same geometry from the layer (:func:`convlora.fused.conv_geometry`,
+    resolved as ``_conv_forward`` resolves it) and is tested equal to this formula for every geometry.
     """
 
-    def _lora_shapes(self, r):
-        kernel = tuple(self.kernel_size)
-        return (r, self.in_channels // self.groups, *kernel), (self.out_channels, r, *(1,) * len(kernel))
+    @classmethod
+    def lora_shapes_for(cls, base, r):
+        shape = tuple(base.weight.shape)  # (C_out, C_in/g, *k)
+        return (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
 
-    def _lora_branch(self, x):
-        lora_A = self.lora_A
+    def _lora_branch(self, x, adapter):
+        lora_A = adapter.lora_A
         if self.groups > 1:
             lora_A = lora_A.repeat(self.groups, *(1,) * (lora_A.dim() - 1))  # (g*r, C_in/g, *k)
         hidden = self._conv_forward(x, lora_A, None)  # (N, g*r, *spatial_out)
-        return _CONV_FN[len(self.kernel_size)](hidden * self.scaling, self.lora_B, groups=self.groups)
+        return _CONV_FN[len(self.kernel_size)](hidden * adapter.scaling, adapter.lora_B, groups=self.groups)
 
-    def _adapted_forward(self, x):
-        if fused.fused_supported(self, x):
-            return fused.conv_lora_forward(self, x)
-        return super()._adapted_forward(x)
+    def _fused_forward(self, x, adapter):
+        return fused.conv_lora_forward(self, x, adapter) if fused.fused_supported(self, x, adapter) else None
 
     @property
     def is_spatial(self) -> bool:
@@ -457,7 +699,7 @@ class Conv3d(_ConvLoRA, nn.Conv3d):
 class GPT2Conv1D(LoRALayer, HFConv1D):
     """LoRA for transformers' GPT-2 ``Conv1D`` (a linear layer with a transposed ``(in, out)`` weight).
 
-    ``y = x W + b + s * (x A^T) B^T``; ``lora_A (r, in)``, ``lora_B (out, r)`` as for Linear, and
+    ``y = x W + b + Σ_i s_i (x A_i^T) B_i^T``; ``lora_A (r, in)``, ``lora_B (out, r)`` as for Linear, and
     ΔW is transposed to ``(in, out)`` when merged.
     """
 
@@ -468,12 +710,17 @@ class GPT2Conv1D(LoRALayer, HFConv1D):
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
         self.weight.requires_grad = False
 
-    def _lora_shapes(self, r):
-        n_in, n_out = self.weight.shape
+    @classmethod
+    def lora_shapes_for(cls, base, r):
+        n_in, n_out = base.weight.shape  # (in, out)
         return (r, n_in), (n_out, r)
 
-    def _lora_branch(self, x):
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+    @classmethod
+    def base_shape_for(cls, a_shape, b_shape):
+        return (int(a_shape[1]), int(b_shape[0]))  # (in, out)
+
+    def _lora_branch(self, x, adapter):
+        return F.linear(F.linear(x, adapter.lora_A) * adapter.scaling, adapter.lora_B)
 
     def _delta_to_weight_layout(self, delta):
         return delta.t()  # (out, in) -> (in, out)
@@ -483,36 +730,44 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 #: Instance attributes a LoRA layer adds to its torch layer's (dropped again by ``to_base_layer``).
 _LORA_ATTRIBUTES = (
-    "r", "_lora_alpha", "_use_rslora", "scaling", "merge_weights", "merged", "lora_disabled", "_merged_lora", "_tied_to",
+    "merge_weights", "merged", "lora_disabled", "_merged_lora", "_tied_to", "_active_adapters",
 )  # fmt: skip
 
 
 class _MergeRecord:
-    """What a merge was made with: A and B (their version counters, storage and values) and the scaling.
+    """What a merge was made with: per active adapter, A and B (their version counters, storage and
+    values) and the scaling.
 
     The version counters move on every in-place write through autograd-visible tensors (optimizer
     steps, ``copy_``, ``load_state_dict``), so checking them costs almost nothing per forward; the
-    value copies (the adapter's own size) catch writes through ``.data``, which move no counter.
+    value copies (the adapters' own size) catch writes through ``.data``, which move no counter.
     """
 
-    __slots__ = ("key", "lora_A", "lora_B")
+    __slots__ = ("key", "values")
 
-    def __init__(self, key: tuple, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        self.key, self.lora_A, self.lora_B = key, lora_A, lora_B
+    def __init__(self, key: tuple, values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.key, self.values = key, values
 
     @staticmethod
     def _key(layer: LoRALayer) -> tuple:
-        a, b = layer.lora_A, layer.lora_B
-        return (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype, layer.scaling)
+        return tuple(
+            (name, a.lora_A._version, a.lora_B._version, a.lora_A.data_ptr(), a.lora_B.data_ptr(),
+             a.lora_A.dtype, a.lora_B.dtype, a.scaling)
+            for name, a in zip(layer._active_adapters, layer._active())
+        )
 
     @classmethod
     def of(cls, layer: LoRALayer) -> "_MergeRecord":
-        return cls(cls._key(layer), layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+        values = [(a.lora_A.detach().clone(), a.lora_B.detach().clone()) for a in layer._active()]
+        return cls(cls._key(layer), values)
 
     def matches(self, layer: LoRALayer, compare_values: bool) -> bool:
         if self._key(layer) != self.key:
             return False
-        return not compare_values or (torch.equal(layer.lora_A, self.lora_A) and torch.equal(layer.lora_B, self.lora_B))
+        return not compare_values or all(
+            torch.equal(a.lora_A, A) and torch.equal(a.lora_B, B) for a, (A, B) in zip(layer._active(), self.values)
+        )
+
 
 #: torch class -> LoRA class that adapts it (exact type match).
 LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
@@ -524,9 +779,20 @@ LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
 }
 
 
+def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The LoRA class that adapts ``module`` (a plain torch layer or a LoRA layer); None if there is none."""
+    if isinstance(module, LoRALayer):
+        return type(module)
+    return LORA_CLASSES.get(type(module))
+
+
 def is_spatial_conv(module: nn.Module) -> bool:
     """True for a ConvNd whose kernel is larger than 1 in some dimension."""
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(k > 1 for k in module.kernel_size)
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names) or "none"
 
 
 def _copy_module_state(state: dict[str, Any]) -> dict[str, Any]:

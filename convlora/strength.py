@@ -1,14 +1,14 @@
-"""LoRA strength: scale every adapter's update of a model by ``s`` at inference.
+"""LoRA strength: scale the active adapter's update of a model by ``s`` at inference.
 
-``set_lora_scale(model, s)`` makes each LoRA layer compute ``W x + s * (alpha / r) * B A x``;
-merge-on-eval then merges exactly ``s * ΔW`` (the layer's own ``delta_weight()``), and
-``train()`` still restores the base weight bit-exactly. ``s = 0`` gives exactly the base outputs,
-``s = 1`` is the adapter as trained. The strength is an inference setting: ``lora_A``, ``lora_B``,
-rank and alpha are untouched, so a file saved at any strength is the same file (loading an adapter
-starts it at strength 1).
+The strength is the active adapter's *weight* (:class:`convlora.layers.LoRAAdapter`): each LoRA layer
+computes ``W x + s * (alpha / r) * B A x``; merge-on-eval then merges exactly ``s * ΔW`` (the layer's
+own ``delta_weight()``), and ``train()`` still restores the base weight bit-exactly. ``s = 0`` gives
+exactly the base outputs, ``s = 1`` is the adapter as trained. The strength is an inference setting:
+``lora_A``, ``lora_B``, rank and alpha are untouched, so a file saved at any strength is the same file
+(loading an adapter starts it at strength 1).
 
-The strength is applied through the one number every LoRA code path already multiplies by, the
-layer's ``scaling``: it becomes ``scaling_for(r, alpha, use_rslora) * s``.
+These functions speak for a model with one active adapter; with several active, give each its weight
+with :func:`convlora.set_adapters` (a named error says so).
 """
 
 from __future__ import annotations
@@ -19,46 +19,49 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from convlora.inject import lora_layers, temporarily_unmerged
-from convlora.layers import LoRALayer
-from convlora.state import scaling_for
+from convlora.inject import active_adapters, lora_layers, set_adapters
+from convlora.layers import LoRAAdapter
 
 __all__ = ["set_lora_scale", "get_lora_scale", "lora_scale"]
 
 
-def _trained_scaling(layer: LoRALayer) -> float:
-    return scaling_for(layer.r, layer.lora_alpha, layer.use_rslora)
-
-
-def _layers(model: nn.Module) -> list[LoRALayer]:
+def _active_adapter(model: nn.Module) -> tuple[str, list[LoRAAdapter]]:
+    """The model's single active adapter: its name and its modules in every layer that has it."""
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to scale")
-    return layers
+    names = active_adapters(model)
+    if len(names) != 1:
+        raise ValueError(
+            f"the LoRA strength is the weight of the single active adapter, and {type(model).__name__} has "
+            f"{len(names)} active ({', '.join(map(repr, names)) or 'none'}); set each weight with "
+            "convlora.set_adapters(model, names, weights=...)"
+        )
+    return names[0], [layer.lora_adapters[names[0]] for layer in layers if names[0] in layer.active_adapters]
 
 
 def set_lora_scale(model: nn.Module, scale: float) -> None:
-    """Set the strength of every LoRA layer in ``model`` (merged layers are re-merged at it).
+    """Set the strength (the weight) of the active adapter of ``model``; merged layers are re-merged at it.
 
     Raises:
-        ValueError: ``scale`` is not a finite number, or the model has no LoRA layers (nothing changed).
+        ValueError: ``scale`` is not a finite number, the model has no LoRA layers, or several (or no)
+            adapters are active (nothing changed).
     """
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale}")
-    layers = _layers(model)
-    with temporarily_unmerged(layers):
-        for layer in layers:
-            layer.scaling = _trained_scaling(layer) * scale
+    name, _ = _active_adapter(model)
+    set_adapters(model, [name], [scale])
 
 
 def get_lora_scale(model: nn.Module) -> float:
-    """The strength of ``model``'s LoRA layers.
+    """The strength of ``model``'s active adapter.
 
     Raises:
-        ValueError: the model has no LoRA layers, or its layers are at different strengths.
+        ValueError: no LoRA layers, not exactly one active adapter, or its layers at different strengths.
     """
-    scales = {round(layer.scaling / _trained_scaling(layer), 12) for layer in _layers(model)}
+    _, adapters = _active_adapter(model)
+    scales = {round(adapter.weight, 12) for adapter in adapters}
     if len(scales) != 1:
         raise ValueError(f"the LoRA layers are at different strengths: {sorted(scales)}")
     return scales.pop()
@@ -66,14 +69,14 @@ def get_lora_scale(model: nn.Module) -> float:
 
 @contextlib.contextmanager
 def lora_scale(model: nn.Module, scale: float) -> Iterator[nn.Module]:
-    """Inside the block ``model``'s LoRA runs at strength ``scale``; on exit every layer is back at
-    exactly the scaling it had (and merged or not as it was)."""
-    layers = _layers(model)
-    before = [layer.scaling for layer in layers]
+    """Inside the block ``model``'s active adapter runs at strength ``scale``; on exit every layer is back
+    at exactly the weight it had (and merged or not as it was)."""
+    name, _ = _active_adapter(model)
+    layers = [layer for layer in lora_layers(model).values() if name in layer.active_adapters]
+    before = [layer.lora_adapters[name].weight for layer in layers]
     set_lora_scale(model, scale)
     try:
         yield model
     finally:
-        with temporarily_unmerged(layers):
-            for layer, scaling in zip(layers, before):
-                layer.scaling = scaling
+        for layer, weight in zip(layers, before):
+            layer.set_active_adapters(layer.active_adapters, {name: weight})

@@ -9,7 +9,7 @@ from convlora.inject import lora_layers
 
 
 def randomize_lora_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
-    """Give every LoRA layer a random non-zero ``lora_B`` (and fresh ``lora_A``), so ΔW != 0.
+    """Give every adapter of every LoRA layer a random non-zero ``lora_B`` (and fresh ``lora_A``), so ΔW != 0.
 
     Deterministic for a given seed; merged layers are handled (unmerged, filled, re-merged).
     """
@@ -18,9 +18,10 @@ def randomize_lora_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Mod
         was_merged = layer.merged
         layer.unmerge()
         with torch.no_grad():
-            for param in (layer.lora_A, layer.lora_B):
-                values = torch.randn(param.shape, generator=generator) * std
-                param.copy_(values.to(param.dtype))
+            for adapter in layer.lora_adapters.values():
+                for param in (adapter.lora_A, adapter.lora_B):
+                    values = torch.randn(param.shape, generator=generator) * std
+                    param.copy_(values.to(param.dtype))
         if was_merged:
             layer.merge()
     return model

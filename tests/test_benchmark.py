@@ -139,3 +139,16 @@ def test_lowmem_smoke_measures_every_variant(bench, tmp_path):  # imports bench_
     assert rows["+ 8-bit Adam"]["held_mib"] < base["held_mib"]
     assert rows["+ cached text embeddings"]["held_mib"] < base["held_mib"]
     assert rows["all three"]["accounted_mib"] < min(r["accounted_mib"] for n, r in rows.items() if n != "all three")
+
+
+def test_adapter_dispatch_smoke_run_reports_every_variant(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_adapters", BENCH.with_name("bench_adapters.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "adapters.json"
+    report = module.main(["--smoke", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for name in ("linear 64", "conv3x3 16"):
+        assert list(report[name]) == ["kernel", "layer, 1 adapter", "layer, 2 adapters"]
+        assert report[name]["kernel"]["ratio_to_kernel"] == 1.0
+        assert all(row["median_us"] > 0 and row["ratio_to_kernel"] > 0 for row in report[name].values())

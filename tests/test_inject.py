@@ -110,14 +110,15 @@ def test_only_adapter_params_train(bias):
     convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["conv1", "dw", "head"], bias=bias))
     convlora.mark_only_lora_as_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    lora = {f"{m}.{w}" for m in ("conv1", "dw", "head") for w in ("lora_A", "lora_B")}
+    lora = {f"{m}.lora_adapters.default.{w}" for m in ("conv1", "dw", "head") for w in ("lora_A", "lora_B")}
     expected = {
         "none": lora,
         "all": lora | {n for n, _ in model.named_parameters() if n.endswith(".bias")},
         "lora_only": lora | {"conv1.bias", "dw.bias", "head.bias"},
     }[bias]
     assert trainable == expected
-    assert set(convlora.lora_state_dict(model)) == expected
+    # the adapter's own keys are <path>.lora_A / .lora_B (the file keys), whatever adapter holds them
+    assert set(convlora.lora_state_dict(model)) == {k.replace(".lora_adapters.default.", ".") for k in expected}
 
     before = snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -136,7 +137,7 @@ def test_modules_to_save_train_and_save():
     model = make_model()
     convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["conv1"], modules_to_save=["norm"]))
     convlora.mark_only_lora_as_trainable(model)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"conv1.lora_A", "conv1.lora_B", "norm.weight", "norm.bias"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"conv1.lora_adapters.default.lora_A", "conv1.lora_adapters.default.lora_B", "norm.weight", "norm.bias"}
 
 
 def test_disable_lora_gives_base_output_and_restores():
@@ -192,7 +193,7 @@ def test_base_checkpoint_loads_into_injected_model():
     model = make_model(seed=0)
     convlora.inject_lora(model, convlora.LoRAConfig(r=2, target_modules=["conv1", "head"]))
     result = model.load_state_dict(base.state_dict(), strict=False)
-    assert sorted(result.missing_keys) == ["conv1.lora_A", "conv1.lora_B", "head.lora_A", "head.lora_B"]
+    assert sorted(result.missing_keys) == [f"{m}.lora_adapters.default.{w}" for m in ("conv1", "head") for w in ("lora_A", "lora_B")]
     assert result.unexpected_keys == []
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(model(x), base(x))

@@ -119,7 +119,7 @@ def test_from_module_shares_base_tensors_and_keeps_identity():
     assert isinstance(layer, nn.Conv2d)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert set(base.state_dict()) == {"weight", "bias"}, "the base module must not gain LoRA parameters"
-    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_adapters.default.lora_A", "lora_adapters.default.lora_B"}
 
 
 def test_from_module_refuses_other_types():

@@ -72,6 +72,7 @@ def step(model: nn.Module, inputs: tuple, call=None) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             key = name.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+            key = key.replace(".lora_adapters.default.", ".")  # ours: <path>.lora_adapters.<name>.lora_A
             result[key] = param.grad
     return result
 

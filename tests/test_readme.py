@@ -26,6 +26,19 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert not namespace["convlora"].lora_layers(namespace["fresh"]), "merge_and_unload leaves plain layers"
 
 
+def test_several_adapters_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    example = next(b for b in PYTHON_BLOCKS if "set_adapters" in b)
+    exec(compile(example, "README.md several adapters", "exec"), namespace)
+    convlora = namespace["convlora"]
+    assert convlora.list_adapters(namespace["model"]) == ["subject", "extra"]
+    assert convlora.list_adapters(namespace["other"]) == ["style", "subject"]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["style.safetensors", "subject.safetensors"]
+    trainable = {n for n, p in namespace["model"].named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_adapters.extra.lora_A", "0.lora_adapters.extra.lora_B"}
+
+
 def test_diffusion_example_and_cli_lines_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

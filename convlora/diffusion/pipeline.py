@@ -29,6 +29,7 @@ from convlora.formats.weights import (
 )
 from convlora.header import user_metadata
 from convlora.inject import inject_lora, unchanged_on_error
+from convlora.layers import DEFAULT_ADAPTER
 
 __all__ = [
     "TRAINING_METADATA",
@@ -71,8 +72,10 @@ def inject_pipeline_lora(
     unet_config: LoRAConfig | None = None,
     text_encoder_config: LoRAConfig | None = None,
     text_encoder_2_config: LoRAConfig | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> dict[str, list[str]]:
-    """Inject LoRA into ``pipe.unet`` and/or its text encoders; returns the adapted paths per component.
+    """Inject adapter ``adapter_name`` into ``pipe.unet`` and/or its text encoders (:func:`convlora.inject_lora`
+    for each); returns the adapted paths per component.
 
     ``text_encoder_2_config`` is for SDXL's second encoder; ``None`` there with a
     ``text_encoder_config`` on an SDXL pipeline adapts both encoders with that config.
@@ -90,7 +93,7 @@ def inject_pipeline_lora(
     missing = [name for name in configs if getattr(pipe, name, None) is None]
     if missing:
         raise ValueError(f"the pipeline has no {', '.join(missing)}")
-    return {name: inject_lora(getattr(pipe, name), config) for name, config in configs.items()}
+    return {name: inject_lora(getattr(pipe, name), config, adapter_name) for name, config in configs.items()}
 
 
 def save_pipeline_lora(
@@ -101,8 +104,10 @@ def save_pipeline_lora(
     metadata: Mapping[str, str] | None = None,
     text_encoder_2: nn.Module | None = None,
     base_model_version: str | None = None,
+    adapter_name: str | None = None,
 ) -> Path:
-    """Save the LoRA of a UNet and/or text encoder(s) as one file.
+    """Save one adapter of a UNet and/or text encoder(s) as one file (``adapter_name``: ``None`` is each
+    model's only adapter).
 
     Args:
         path: the ``.safetensors`` file to write (a folder gets diffusers' file name
@@ -134,8 +139,8 @@ def save_pipeline_lora(
     for name, model in models.items():
         if format != "native":
             check_portable_geometry(model, format)
-        modules.update(weights_from_model(model, prefix=f"{name}."))
-    weights = LoRAWeights(modules, use_rslora=uses_rslora(*models.values()), metadata=extra)
+        modules.update(weights_from_model(model, prefix=f"{name}.", adapter_name=adapter_name))
+    weights = LoRAWeights(modules, use_rslora=uses_rslora(*models.values(), adapter_name=adapter_name), metadata=extra)
     if base_model_version is None:
         is_xl = text_encoder_2 is not None or (unet is not None and family_of_pipeline(unet) is SDXL)
         base_model_version = (SDXL if is_xl else SD).kohya_base_model_version
@@ -151,12 +156,15 @@ def load_pipeline_lora(
     text_encoder: nn.Module | None = None,
     strict: bool = True,
     text_encoder_2: nn.Module | None = None,
+    adapter_name: str | None = None,
 ) -> dict[str, Any]:
-    """Load a LoRA file of any format into a UNet and/or text encoder(s) (SDXL: ``text_encoder_2`` too).
+    """Load a LoRA file of any format into a UNet and/or text encoder(s) (SDXL: ``text_encoder_2`` too)
+    as adapter ``adapter_name``.
 
-    The format is detected (convlora native, diffusers, kohya, PEFT folder). A model without LoRA
-    gets LoRA injected exactly as the file describes (paths, ranks, alphas); a model with LoRA must
-    carry it on exactly the file's modules. A file for a single model (no ``unet.`` /
+    The format is detected (convlora native, diffusers, kohya, PEFT folder). Each component goes
+    through the one loader (:func:`convlora.loading.load_adapter`): a model without the adapter gets it
+    added exactly as the file describes (paths, ranks, alphas); ``None`` names the model's only adapter
+    (a new ``"default"`` one if it has none), and an existing adapter must sit on exactly the file's modules. A file for a single model (no ``unet.`` /
     ``text_encoder.`` prefixes) loads into the UNet, or the text encoder if its names fit only there.
 
     Returns:
@@ -187,7 +195,8 @@ def load_pipeline_lora(
         for name, modules in parts.items():
             if models.get(name) is not None:
                 result[name] = load_weights_into_model(
-                    models[name], modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]"
+                    models[name], modules, weights.use_rslora, strict=strict, source=f"{path} [{name}]",
+                    adapter_name=adapter_name,
                 )
     return result
 

@@ -20,12 +20,13 @@ not adapted. That is why the preset becomes a full-path regular expression in
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
 
 from convlora.config import LoRAConfig
-from convlora.layers import LORA_CLASSES
+from convlora.layers import lora_class_for
 
 __all__ = [
     "TEXT_ENCODER_PRESETS",
@@ -141,19 +142,13 @@ def suffix_regex(suffixes: tuple[str, ...] | list[str]) -> str:
 
 
 def lora_parameter_count(module: nn.Module, rank: int) -> int:
-    """Number of LoRA parameters (``lora_A`` + ``lora_B``) a rank-``rank`` update of ``module`` has.
-
-    Linear ``(out, in)``: ``r * in + out * r``; ConvNd ``(C_out, C_in/g, *k)``:
-    ``r * C_in/g * prod(k) + C_out * r`` (the shapes of the README's LoRA math section).
+    """Number of LoRA parameters (``lora_A`` + ``lora_B``) a rank-``rank`` update of ``module`` has:
+    the sizes of the shapes its LoRA class gives (:meth:`convlora.layers.LoRALayer.lora_shapes_for`).
 
     Raises:
         TypeError: ``module`` is not a layer convlora can adapt.
     """
-    if type(module) not in LORA_CLASSES and not any(isinstance(module, c) for c in LORA_CLASSES.values()):
+    cls = lora_class_for(module)
+    if cls is None:
         raise TypeError(f"{type(module).__name__} is not a layer convlora can adapt")
-    weight = module.weight
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        fan_in = weight[0].numel()  # C_in/g * prod(k)
-        return rank * fan_in + weight.shape[0] * rank
-    n_out, n_in = weight.shape if isinstance(module, nn.Linear) else weight.shape[::-1]  # HF Conv1D is (in, out)
-    return rank * n_in + n_out * rank
+    return sum(math.prod(shape) for shape in cls.lora_shapes_for(module, rank))

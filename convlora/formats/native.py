@@ -19,7 +19,7 @@ from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lor
 from convlora.formats.weights import LoRAFormatError, LoRAModule, LoRAWeights
 from convlora.header import header_config, module_table
 from convlora.io import FORMAT_VERSION, RESERVED_KEYS
-from convlora.layers import CONV_GEOMETRY_KEYS
+from convlora.layers import CONV_GEOMETRY_KEYS, Conv1d, Conv2d, Conv3d, Linear
 from convlora.state import fingerprint
 
 
@@ -93,5 +93,10 @@ def _kind(module: LoRAModule) -> str:
 
 
 def _base_shape(module: LoRAModule) -> list[int]:
-    # Linear: (out, in); ConvNd: (C_out, C_in/groups, *k) — B gives out, A gives the rest.
-    return [int(module.lora_B.shape[0]), *(int(s) for s in module.lora_A.shape[1:])]
+    """The base weight shape A and B imply, as the LoRA layer class computes it: Linear ``(out, in)``,
+    ConvNd ``(C_out, C_in/groups, *k)``."""
+    cls = Linear if not module.is_conv else _CONV_CLASSES[module.lora_A.dim() - 2]
+    return list(cls.base_shape_for(module.lora_A.shape, module.lora_B.shape))
+
+
+_CONV_CLASSES = {1: Conv1d, 2: Conv2d, 3: Conv3d}

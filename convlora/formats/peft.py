@@ -256,8 +256,9 @@ def save_peft_adapter(
     folder: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    adapter_name: str | None = None,
 ) -> Path:
-    """Save the LoRA of ``model`` as a folder ``peft.PeftModel.from_pretrained(base, folder)`` loads.
+    """Save one adapter of ``model`` (``None``: its only one) as a folder ``peft.PeftModel.from_pretrained(base, folder)`` loads.
 
     Convs with ``groups > 1`` are written in PEFT's dense-A form (:func:`grouped_to_peft`), which
     PEFT runs exactly (unmerged: PEFT cannot merge grouped convs).
@@ -272,12 +273,17 @@ def save_peft_adapter(
     gpt2 = {isinstance(layer, GPT2Conv1D) for layer in layers.values()}
     if gpt2 == {True, False}:
         raise LoRAFormatError("PEFT's fan_in_fan_out is one flag per adapter: this model mixes GPT-2 Conv1D and other LoRA layers")
-    weights = LoRAWeights(weights_from_model(model), use_rslora=uses_rslora(model), metadata=dict(metadata or {}))
+    weights = LoRAWeights(weights_from_model(model, adapter_name=adapter_name),
+                          use_rslora=uses_rslora(model, adapter_name=adapter_name), metadata=dict(metadata or {}))
     return write_peft_folder(weights, folder, base_model_name_or_path, fan_in_fan_out=gpt2 == {True})
 
 
-def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool = True) -> list[str]:
-    """Load a PEFT LoRA adapter folder into ``model`` (injecting LoRA first if it has none).
+def load_peft_adapter(
+    model: nn.Module, folder: str | os.PathLike, strict: bool = True, adapter_name: str | None = None
+) -> list[str]:
+    """Load a PEFT LoRA adapter folder into ``model`` as adapter ``adapter_name`` (see
+    :func:`convlora.formats.weights.load_weights_into_model`; ``None``: the model's only adapter, or a
+    new ``"default"`` one).
 
     LoRA on convs with ``groups > 1`` is taken back from PEFT's dense-A form (:func:`grouped_from_peft`).
 
@@ -300,7 +306,9 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike, strict: bool 
             f"{source}: PEFT computes conv LoRA without dilation or non-zero padding modes, so on these layers the "
             f"adapter is not the function it was trained as: {'; '.join(problems)}"
         )
-    return load_weights_into_model(model, weights.modules, weights.use_rslora, strict=strict, source=source)
+    return load_weights_into_model(
+        model, weights.modules, weights.use_rslora, strict=strict, source=source, adapter_name=adapter_name
+    )
 
 
 def _number(value: float) -> int | float:

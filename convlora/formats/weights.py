@@ -5,8 +5,9 @@ own layout (the README's LoRA math section): Linear ``A (r, in)``, ``B (out, r)`
 ``B (C_out, r, *1s)``. For a whole pipeline the paths start with the component name
 (``unet.``, ``text_encoder.``); for a single model they are the model's own module paths.
 
-Getting weights *out of* a model (:func:`weights_from_model`) and *into* a model
-(:func:`load_weights_into_model`) live here, so each file format only translates keys.
+Getting one adapter's weights *out of* a model (:func:`weights_from_model`) and *into* a model
+(:func:`load_weights_into_model`: path resolution here, then the one loader,
+:func:`convlora.loading.load_adapter`) live here, so each file format only translates keys.
 """
 
 from __future__ import annotations
@@ -19,19 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlora.config import LoRAConfig
-from convlora.inject import (
-    LayerSpec,
-    apply_plan,
-    get_config,
-    load_lora_state_dict,
-    lora_layers,
-    temporarily_unmerged,
-    unchanged_on_error,
-)
 from convlora.errors import LoRAFileError
-from convlora.layers import LORA_CLASSES, conv_geometry_record
-from convlora.state import StateDictMismatchError
+from convlora.inject import get_config, lora_layers, resolve_adapter_name
+from convlora.layers import conv_geometry_record, lora_class_for
+from convlora.loading import AdapterLoad, ModuleLoad, load_adapter
 
 #: Component names a pipeline file may hold, in the order they are written.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -123,33 +115,43 @@ def nested_clip_path(path: str) -> str:
 
 
 # ---- out of a model ------------------------------------------------------------------------------
-def weights_from_model(model: nn.Module, prefix: str = "") -> dict[str, LoRAModule]:
-    """The LoRA modules of ``model`` as ``prefix + path -> LoRAModule`` (tensors detached, on the CPU).
+def model_adapter(model: nn.Module, adapter_name: str | None = None) -> dict[str, Any]:
+    """``path -> LoRAAdapter`` of one adapter of ``model`` (``None``: its only adapter), in model order."""
+    name = resolve_adapter_name(model, adapter_name)
+    return {p: layer.lora_adapters[name] for p, layer in lora_layers(model).items() if name in layer.lora_adapters}
+
+
+def weights_from_model(model: nn.Module, prefix: str = "", adapter_name: str | None = None) -> dict[str, LoRAModule]:
+    """One adapter of ``model`` as ``prefix + path -> LoRAModule`` (tensors detached, on the CPU).
+
+    Args:
+        adapter_name: ``None``: the model's only adapter.
 
     Raises:
-        ValueError: the model has no LoRA layers, or its config saves biases / ``modules_to_save``,
-            which only convlora's native format carries.
+        ValueError: the model has no LoRA layers, several adapters and none named, or the adapter's
+            config saves biases / ``modules_to_save``, which only convlora's native format carries.
     """
-    layers = lora_layers(model)
-    if not layers:
+    if not lora_layers(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers: call convlora.inject_lora first")
-    config = get_config(model)
+    adapters = model_adapter(model, adapter_name)
+    config = get_config(model, resolve_adapter_name(model, adapter_name))
     if config is not None and (config.bias != "none" or config.modules_to_save):
         raise LoRAFormatError(
             "this adapter also trains biases / modules_to_save; only convlora's native format holds those "
             "(save it with format='native' / convlora.save_lora)"
         )
+    layers = lora_layers(model)
     return {
         prefix + path: LoRAModule(
-            layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu(), float(layer.lora_alpha), conv_geometry_record(layer)
+            a.lora_A.detach().cpu(), a.lora_B.detach().cpu(), float(a.lora_alpha), conv_geometry_record(layers[path])
         )
-        for path, layer in layers.items()
+        for path, a in adapters.items()
     }
 
 
-def uses_rslora(*models: nn.Module | None) -> bool:
-    """Whether the LoRA layers of ``models`` use rsLoRA scaling; mixing both kinds raises."""
-    kinds = {layer.use_rslora for m in models if m is not None for layer in lora_layers(m).values()}
+def uses_rslora(*models: nn.Module | None, adapter_name: str | None = None) -> bool:
+    """Whether adapter ``adapter_name`` of ``models`` uses rsLoRA scaling; mixing both kinds raises."""
+    kinds = {a.use_rslora for m in models if m is not None for a in model_adapter(m, adapter_name).values()}
     if len(kinds) > 1:
         raise LoRAFormatError("some LoRA layers use rsLoRA scaling and some do not; one file holds one kind")
     return kinds == {True}
@@ -243,21 +245,25 @@ def load_weights_into_model(
     use_rslora: bool = False,
     strict: bool = True,
     source: str = "file",
+    adapter_name: str | None = None,
 ) -> list[str]:
-    """Put ``modules`` into ``model``: inject LoRA first if the model has none, then copy A, B and alpha.
+    """Put ``modules`` into ``model`` as adapter ``adapter_name``: resolve the file's module paths onto the
+    model's, then load through the one loader, :func:`convlora.loading.load_adapter` (which checks
+    everything first, adds the adapter where the model lacks it, sets each module's alpha and rsLoRA
+    flag from the file, and rolls back on failure).
 
     With ``strict`` every module of the file must land on a module of the model and, if the model
-    already carries LoRA, on exactly its LoRA modules. Everything is checked before anything is
-    written; if this call injected the layers and a later check fails, they are removed again.
+    already carries the adapter, on exactly its modules.
 
     Returns:
         The model module paths that were loaded.
 
     Raises:
-        LoRAFormatError: modules of the file that the model does not have (named), or modules the
-            model has but LoRA cannot wrap.
+        LoRAFormatError: modules of the file that the model does not have (named), or several entries
+            landing on one module.
+        ValueError: modules the model has but LoRA cannot wrap, or whose conv geometry differs.
         StateDictMismatchError: a rank / shape mismatch (named, with both shapes), or, when strict,
-            LoRA modules of the model the file does not cover.
+            modules of the model's adapter the file does not cover.
     """
     if not modules:
         raise LoRAFormatError(f"{source} has no LoRA modules for {type(model).__name__}")
@@ -274,67 +280,25 @@ def load_weights_into_model(
             seen.setdefault(target, []).append(p)
         twice = [f"{target} ({' and '.join(ps)})" for target, ps in seen.items() if len(ps) > 1]
         raise LoRAFormatError(f"{source}: several LoRA entries land on the same module: {_short(twice)}")
-    layers = lora_layers(model)
-    eval_paths: list[str] = []
-    if layers:
-        kinds = {layer.use_rslora for layer in layers.values()}
-        if kinds != {use_rslora}:
-            raise LoRAFormatError(f"{source} uses rsLoRA={use_rslora}, the model's LoRA layers do not")
-    state = {}
+    tensors = {}
     for path, module in by_model_path.items():
-        state[f"{path}.lora_A"] = module.lora_A
-        state[f"{path}.lora_B"] = module.lora_B
-    with unchanged_on_error(model):
-        if not layers:
-            eval_paths = _inject_for(model, by_model_path, use_rslora, source)
-            layers = lora_layers(model)
-        loaded = [p for p in by_model_path if p in layers]
-        with temporarily_unmerged([layers[p] for p in loaded]):
-            load_lora_state_dict(model, state, strict=strict, bias="none", source=source)
-            for p in loaded:  # the layer keeps its scaling from alpha and its rsLoRA flag
-                layers[p].lora_alpha = by_model_path[p].alpha
-    for p in eval_paths:
-        layers[p].train(False)  # merge-on-eval, once, with the loaded weights
-    return loaded
-
-
-def _inject_for(model: nn.Module, modules: Mapping[str, LoRAModule], use_rslora: bool, source: str) -> list[str]:
-    """Inject LoRA on exactly ``modules`` (unmerged); returns the paths whose base was in eval mode."""
-    named = dict(model.named_modules())
-    bad = [f"{p} ({type(named[p]).__name__})" for p in modules if type(named[p]) not in LORA_CLASSES]
-    if bad:
-        raise LoRAFormatError(f"{source}: LoRA for module(s) LoRA cannot wrap: {_short(bad)}")
-    mismatched = [
-        f"{p}: file has rank {m.r} with lora_A {tuple(m.lora_A.shape)}, base weight is {tuple(named[p].weight.shape)}"
-        for p, m in modules.items()
-        if not fits_module(named[p], m)
-    ]
-    if mismatched:
-        raise StateDictMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(mismatched[:12]))
-    plan = {p: LayerSpec(m.r, m.alpha) for p, m in modules.items()}
-    rank = Counter(m.r for m in modules.values()).most_common(1)[0][0]
-    config = LoRAConfig(r=rank, target_modules=list(plan), use_rslora=use_rslora)
-    in_eval = [p for p in plan if not named[p].training]
-    for p in in_eval:
-        named[p].training = True  # inject unmerged: merging a zero update now would be wasted work
-    try:
-        apply_plan(model, plan, config)
-    finally:
-        for p in in_eval:
-            named[p].training = False
-    return in_eval
+        tensors[f"{path}.lora_A"] = module.lora_A
+        tensors[f"{path}.lora_B"] = module.lora_B
+    load = AdapterLoad(
+        {p: ModuleLoad(m.r, m.alpha, use_rslora, geometry=m.geometry) for p, m in by_model_path.items()},
+        tensors,
+        source,
+    )
+    return load_adapter(model, load, adapter_name=adapter_name, strict=strict)
 
 
 def fits_module(base: nn.Module, module: LoRAModule) -> bool:
-    """Whether ``module``'s A/B have the shapes a LoRA layer on ``base`` would have."""
-    weight = base.weight
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        a_shape = (module.r, *weight.shape[1:])
-        b_shape = (weight.shape[0], module.r, *(1,) * (weight.dim() - 2))
-    else:
-        n_out, n_in = weight.shape if isinstance(base, nn.Linear) else weight.shape[::-1]
-        a_shape, b_shape = (module.r, n_in), (n_out, module.r)
-    return tuple(module.lora_A.shape) == a_shape and tuple(module.lora_B.shape) == b_shape
+    """Whether ``module``'s A/B have the shapes a LoRA layer on ``base`` would have (the layer class says)."""
+    cls = lora_class_for(base)
+    if cls is None:
+        return False
+    a_shape, b_shape = cls.lora_shapes_for(base, module.r)
+    return tuple(module.lora_A.shape) == tuple(a_shape) and tuple(module.lora_B.shape) == tuple(b_shape)
 
 
 def _short(items: list[str], limit: int = 12) -> str:

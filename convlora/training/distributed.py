@@ -225,8 +225,10 @@ def full_tensors(models: Sequence[nn.Module], optimizer: torch.optim.Optimizer |
 def _swap_in_full_parameters(models: Sequence[nn.Module]) -> list[tuple[nn.Module, str, nn.Parameter]]:
     swapped = []
     for model in models:
-        for qualified, param in adapter_parameters(model).items():
-            if not is_sharded(param):
+        adapter = {id(p) for p in adapter_parameters(model).values()}
+        # by the model's own parameter names: an adapter's A and B belong to its LoRAAdapter module
+        for qualified, param in model.named_parameters():
+            if id(param) not in adapter or not is_sharded(param):
                 continue
             path, _, name = qualified.rpartition(".")
             module = model.get_submodule(path)
