@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QUANT_MODES", "QuantizedWeight", "is_quantized", "quantize_base", "quantized_bytes"]
+__all__ = ["QUANT_MODES", "QuantizedWeight", "is_quantized", "quantize_base", "quantized_bytes", "quantized_nbytes"]
 
 QUANT_MODES = ("nf4", "int8", "fp8")
 _QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -230,21 +230,48 @@ def _drop_dequantized_weight(module: nn.Module, args, output) -> None:
     module.__dict__.pop("weight", None)
 
 
+class _CompactRef:
+    """What autograd keeps instead of a dequantized weight: the compact weight and the view geometry."""
+
+    __slots__ = ("holder", "dtype", "size", "stride", "offset")
+
+    def __init__(self, holder: QuantizedWeight, tensor: torch.Tensor) -> None:
+        self.holder, self.dtype = holder, tensor.dtype
+        self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+
+    def rebuild(self) -> torch.Tensor:
+        return self.holder.dequantize(self.dtype).as_strided(self.size, self.stride, self.offset)
+
+
 def _saved_as_reference(weight: torch.Tensor, holder: QuantizedWeight):
-    """Saved-tensor hooks: a tensor sharing ``weight``'s storage is saved as ``holder`` plus its view
-    geometry and rebuilt by dequantizing in backward; any other tensor is saved as usual."""
-    storage = weight.untyped_storage().data_ptr()
-    dtype = weight.dtype
+    """Saved-tensor hooks: a tensor sharing ``weight``'s storage is saved as a :class:`_CompactRef` and
+    rebuilt by dequantizing in backward; every other tensor goes to the hooks that were active before
+    (activation checkpointing's, a memory profiler's), or is saved as usual."""
+    storage, dtype = weight.untyped_storage().data_ptr(), weight.dtype  # not ``weight``: the closures must not keep it
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # as torch.utils.checkpoint reads it
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
     def pack(tensor: torch.Tensor):
         if tensor.untyped_storage().data_ptr() == storage and tensor.dtype == dtype:
-            return ("quantized", holder, dtype, tensor.size(), tensor.stride(), tensor.storage_offset())
-        return tensor
+            return _CompactRef(holder, tensor)
+        return outer_pack(tensor) if outer_pack is not None else tensor
 
     def unpack(saved):
-        if isinstance(saved, tuple) and saved and saved[0] == "quantized":
-            _, owner, dt, size, stride, offset = saved
-            return owner.dequantize(dt).as_strided(size, stride, offset)
-        return saved
+        if isinstance(saved, _CompactRef):
+            return saved.rebuild()
+        return outer_unpack(saved) if outer_unpack is not None else saved
 
     return pack, unpack
+
+
+def quantized_nbytes(mode: str, shape: tuple[int, ...]) -> int:
+    """The bytes :class:`QuantizedWeight` takes for a weight of ``shape`` in ``mode``, from the shape
+    alone (tested equal to :attr:`QuantizedWeight.nbytes`), so reports can size models built on the
+    meta device."""
+    numel = math.prod(shape)
+    if mode == "nf4":
+        blocks = -(-numel // _NF4_BLOCK)
+        return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4
+    if mode in ("int8", "fp8"):
+        return numel + 4 * shape[0]
+    raise QuantizationError(f"unknown base precision {mode!r}: choose one of {', '.join(QUANT_MODES)}")

@@ -134,3 +134,30 @@ def test_quantized_unet_runs_close_to_full_precision():
     assert len(paths) == n_layers
     out = unet(sample, t, text).sample
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+@pytest.mark.parametrize("shape", [(64, 32), (7, 3, 3, 3), (33, 17), (320, 64, 3, 3), (3, 5)])
+def test_bytes_from_the_shape_equal_the_real_storage(mode, shape):
+    from convlora.quant import quantized_nbytes
+
+    assert quantized_nbytes(mode, shape) == QuantizedWeight(torch.randn(shape), mode).nbytes
+
+
+def test_hooks_compose_with_activation_checkpointing_and_outer_hooks():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1)).requires_grad_(False)
+    quantize_base(model, "int8")
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    model(x).square().sum().backward()
+    plain = x.grad.clone()
+    x.grad = None
+    checkpoint(model, x, use_reentrant=False).square().sum().backward()
+    assert torch.equal(x.grad, plain)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+        model(x).sum()
+    assert (2, 8, 6, 6) in seen  # the SiLU / second conv's input reached the outer hook
+    assert all(s not in seen for s in [(8, 4, 3, 3), (4, 8, 3, 3)])  # the weights did not
