@@ -105,6 +105,17 @@ class QuantizedWeight(nn.Module):
             return self._dequantize_nf4().to(dtype)
         return (self.data.float() * self.scale).to(dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the storage; ``.to(dtype)`` (a whole model cast to bf16, say) changes only
+        the compute dtype, never the stored codes and scales (casting them would lose the format)."""
+        target = fn(torch.zeros((), dtype=torch.float32, device=self.data.device))
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(target.device)
+        if target.dtype != torch.float32 and target.is_floating_point():
+            self.compute_dtype = target.dtype
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes of storage this weight takes (data and statistics; the shared code books not counted)."""

@@ -161,3 +161,16 @@ def test_hooks_compose_with_activation_checkpointing_and_outer_hooks():
         model(x).sum()
     assert (2, 8, 6, 6) in seen  # the SiLU / second conv's input reached the outer hook
     assert all(s not in seen for s in [(8, 4, 3, 3), (4, 8, 3, 3)])  # the weights did not
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_casting_the_model_changes_the_compute_dtype_not_the_stored_format(mode):
+    layer = nn.Conv2d(4, 8, 3).requires_grad_(False)
+    quantize_base(layer, mode)
+    stored = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("quantized_weight.")}
+    before = layer.quantized_weight.dequantize()
+    layer.to(torch.bfloat16)
+    assert all(torch.equal(v, stored[k]) and v.dtype == stored[k].dtype for k, v in layer.state_dict().items() if k in stored)
+    assert layer.quantized_weight.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.quantized_weight.dequantize(torch.float32), before)
+    assert layer(torch.randn(1, 4, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
