@@ -16,6 +16,8 @@ Modes (bytes per weight; the per-block / per-channel statistics come on top):
     ``fp8``   float8 e4m3 with a per-output-channel scale ``s = max|w_o| / 448`` (kohya's
               ``--fp8_base`` casts without a scale; the scale keeps small-magnitude channels exact
               to e4m3's 3 mantissa bits instead of flushing them toward zero); 1 B.
+    ``bf16`` / ``fp16``  plain half-precision storage, upcast per call into the compute dtype (a bf16
+              base under float32 LoRA math without autocast); 2 B.
 
 Everything a quantized weight holds is a tensor buffer, so a quantized model's ``state_dict()`` is
 plain tensors (safetensors-storable, no pickle), and ``.to(device)`` moves it.
@@ -31,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QUANT_MODES", "QuantizedWeight", "is_quantized", "quantize_base", "quantized_bytes", "quantized_nbytes"]
+__all__ = ["QUANT_MODES", "QuantizedWeight", "is_quantized", "dequantize_base", "frozen_weight", "quantize_base", "quantized_bytes", "quantized_nbytes"]
 
-QUANT_MODES = ("nf4", "int8", "fp8")
+QUANT_MODES = ("nf4", "int8", "fp8", "bf16", "fp16")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NF4_BLOCK = 64
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -62,6 +65,8 @@ class QuantizedWeight(nn.Module):
         w = weight.detach()
         if mode == "nf4":
             self._quantize_nf4(w)
+        elif mode in _HALF:
+            self.register_buffer("data", w.to(_HALF[mode]))
         else:
             limit = 127.0 if mode == "int8" else _FP8_MAX
             absmax = w.float().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
@@ -103,7 +108,19 @@ class QuantizedWeight(nn.Module):
         dtype = dtype or self.compute_dtype
         if self.mode == "nf4":
             return self._dequantize_nf4().to(dtype)
+        if self.mode in _HALF:
+            return self.data.to(dtype)
         return (self.data.float() * self.scale).to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (what :meth:`dequantize` returns), so code that sizes LoRA tensors by
+        ``frozen_weight(module).dtype`` / ``.device`` / ``.shape`` reads a quantized weight like a tensor."""
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the storage; ``.to(dtype)`` (a whole model cast to bf16, say) changes only
@@ -218,6 +235,42 @@ def _chosen_modules(model: nn.Module, targets: Iterable[str] | None) -> dict[str
     return chosen
 
 
+def frozen_weight(module: nn.Module) -> torch.Tensor | QuantizedWeight:
+    """``module.weight``, or its :class:`QuantizedWeight` outside a forward call (both give ``shape``,
+    ``dtype`` and ``device``; only the tensor can be merged into)."""
+    holder = module.__dict__.get("_modules", {}).get("quantized_weight")
+    return holder if isinstance(holder, QuantizedWeight) and "weight" not in module.__dict__ else module.weight
+
+
+def dequantize_base(model: nn.Module) -> list[str]:
+    """Undo :func:`quantize_base`: every quantized weight becomes a frozen parameter again, in its
+    compute dtype (the values are the dequantized ones: quantization itself cannot be undone).
+
+    Returns:
+        The module paths changed, sorted.
+    """
+    changed = []
+    for path, module in model.named_modules():
+        if not is_quantized(module):
+            continue
+        holder = module.quantized_weight
+        del module._modules["quantized_weight"]
+        _remove_hooks(module)
+        module.weight = nn.Parameter(holder.dequantize(), requires_grad=False)
+        changed.append(path)
+    return sorted(changed)
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    """Drop this module's dequantization hooks (by function: a LoRA layer made from a quantized module
+    holds copies of its hook dictionaries, which the original handles do not reach)."""
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _with_dequantized_weight]:
+        del module._forward_pre_hooks[key]
+    for key in [k for k, hook in module._forward_hooks.items() if hook is _drop_dequantized_weight]:
+        del module._forward_hooks[key]
+        module._forward_hooks_always_called.pop(key, None)
+
+
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by the quantized weights of ``model``."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, QuantizedWeight))
@@ -285,4 +338,6 @@ def quantized_nbytes(mode: str, shape: tuple[int, ...]) -> int:
         return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4
     if mode in ("int8", "fp8"):
         return numel + 4 * shape[0]
+    if mode in _HALF:
+        return 2 * numel
     raise QuantizationError(f"unknown base precision {mode!r}: choose one of {', '.join(QUANT_MODES)}")
