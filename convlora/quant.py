@@ -208,7 +208,16 @@ def quantize_base(
         module.quantized_weight = holder
         module.register_forward_pre_hook(_with_dequantized_weight)
         module.register_forward_hook(_drop_dequantized_weight, always_call=True)
+    _leave_out_of_ddp_broadcasts(model, sorted(quantized))
     return sorted(quantized)
+
+
+def _leave_out_of_ddp_broadcasts(model: nn.Module, paths: list[str]) -> None:
+    """DDP broadcasts every buffer from rank 0 before each forward; the compact weights are frozen and
+    quantized identically in every process, so they are left out (torch's own ignore list)."""
+    names = [f"{p}.quantized_weight.{b}".lstrip(".") for p in paths for b, _ in model.get_submodule(p).quantized_weight.named_buffers()]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
 
 
 def _chosen_modules(model: nn.Module, targets: Iterable[str] | None) -> dict[str, nn.Module]:
