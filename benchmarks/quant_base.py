@@ -14,6 +14,13 @@
   (the same layout, plus two code books per layer that bitsandbytes keeps in each QuantState),
   convolutions left in bf16.
 
+* **training** (SD-shaped UNet, LoRA r=8 on the ``full`` preset, convlora's variants against PEFT on
+  bitsandbytes ``Linear4bit`` with the convs in float32, as a peer must keep them without autocast):
+  frozen storage (every frozen parameter and buffer), the memory a training step adds (bench_lora's
+  ``saved for backward + grads``, the distinct tensor storages autograd keeps, and peak RSS), and
+  the step time (forward + backward, median of ``--repeats`` interleaved rounds) relative to the
+  float32 base. Compute is float32 throughout, so the rows differ only in how the base is stored.
+
 Writes JSON (``--out``, default ``benchmarks/results/quant_base.json``; ``--smoke`` writes only where
 ``--out`` says).
 """
@@ -24,6 +31,7 @@ import argparse
 import copy
 import datetime as _dt
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -62,6 +70,63 @@ def accuracy(workload: bench.Workload) -> dict[str, float]:
             quantize_base(quantized, mode)
             errors[mode] = _relative(workload.call(quantized, inputs), ref)
     return errors
+
+
+def training(workload: bench.Workload, repeats: int) -> dict[str, dict[str, float]]:
+    """Frozen MiB, step memory and step time per base storage (see the module docstring)."""
+    torch.manual_seed(0)
+    base = workload.build().requires_grad_(False)
+    targets = workload.presets["full"]
+    models = {}
+    for name, mode in (("fp32", None), ("bf16 storage", "bf16"), ("fp8", "fp8"), ("int8", "int8"), ("nf4", "nf4")):
+        model = bench._convlora(copy.deepcopy(base), targets)
+        if mode:
+            quantize_base(model, mode)
+        models[f"convlora {name}"] = model.train()
+    models["peft + bitsandbytes Linear4bit"] = _peft_on_linear4bit(base, workload.presets["full"], models["convlora fp32"]).train()
+    inputs, cpu = workload.inputs(), torch.device("cpu")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, model in models.items():
+            wall, _ = bench._timed(lambda: bench._train_step(workload, model, inputs), cpu)
+            bench._reset_grads(model)
+            if round_:
+                times[name].append(wall)
+    rows = {}
+    for name, model in models.items():
+        memory = bench.measure_memory(workload, model, inputs, cpu)
+        rows[name] = {"frozen_mib": _frozen_bytes(model) / 2**20, "ms_median": 1000 * statistics.median(times[name]), **memory}
+    reference = rows["convlora fp32"]
+    for row in rows.values():
+        row["x_fp32_time"] = row["ms_median"] / reference["ms_median"]
+        row["x_fp32_frozen"] = row["frozen_mib"] / reference["frozen_mib"]
+    return rows
+
+
+def _frozen_bytes(model: nn.Module) -> int:
+    """Every frozen parameter and buffer, each storage once (quantized weights are buffers)."""
+    storages = {}
+    for t in [p for p in model.parameters() if not p.requires_grad] + list(model.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _peft_on_linear4bit(base: nn.Module, targets, like: nn.Module) -> nn.Module:
+    """PEFT LoRA (A and B copied from ``like``) on ``base`` with its Linear layers as bitsandbytes ``Linear4bit``."""
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(base)
+    for path, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+            quantized.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+            if module.bias is not None:
+                quantized.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, quantized.to("cpu"))
+    return bench._peft(model, targets, like)
 
 
 def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,6 +183,7 @@ def _sd15_on_meta() -> nn.Module:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny UNet only (seconds)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed training rounds (smoke: 1)")
     parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/quant_base.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -131,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["frozen_bytes"][name] = frozen_bytes(workload.build())
     if not args.smoke:
         result["frozen_bytes"]["unet-sd15 (meta)"] = frozen_bytes(_sd15_on_meta())
+    train_on = "unet-tiny" if args.smoke else "unet-sd"
+    result["training"] = {train_on: training(table[train_on](), 1 if args.smoke else args.repeats)}
     print(format_tables(result))
     out = args.out or (None if args.smoke else REPO / "benchmarks/results/quant_base.json")
     if out:
@@ -153,6 +221,14 @@ def format_tables(result: dict) -> str:
             if mode != "weights":
                 lines.append(f"| {mode} | {row['linear'] / 2**20:.1f} | {row['conv1x1'] / 2**20:.1f} | "
                              f"{row['convkxk'] / 2**20:.1f} | {row['total'] / 2**20:.1f} | {row['x_bf16']:.3f} |")
+    for name, rows in result.get("training", {}).items():
+        lines += ["", f"training step on {name} (LoRA r=8, full preset, float32 compute)",
+                  "| base | frozen MiB | x fp32 | saved+grads MiB | peak RSS delta MiB | step ms | x fp32 time |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for variant, row in rows.items():
+            rss = row.get("peak_rss_delta_mib")
+            lines.append(f"| {variant} | {row['frozen_mib']:.1f} | {row['x_fp32_frozen']:.3f} | {row.get('saved_plus_grads_mib', 0):.1f} | "
+                         f"{'' if rss is None else f'{rss:.0f}'} | {row['ms_median']:.0f} | {row['x_fp32_time']:.2f} |")
     return "\n".join(lines)
 
 
