@@ -35,6 +35,7 @@ from convlora.io import (
     write_safetensors,
 )
 from convlora.layers import DEFAULT_ADAPTER, Conv1d, Conv2d, Conv3d, GPT2Conv1D, Linear, LoRAAdapter, LoRALayer
+from convlora.quant import QuantizationError, dequantize_base, quantize_base
 from convlora.state import StateDictMismatchError, delta_weight
 from convlora.strength import get_lora_scale, lora_scale, set_lora_scale
 
@@ -51,12 +52,14 @@ __all__ = [
     "LoRAConfig",
     "LoRAFileError",
     "LoRALayer",
+    "QuantizationError",
     "StateDictMismatchError",
     "active_adapters",
     "adapter_parameters",
     "cast_lora_params",
     "delete_adapter",
     "delta_weight",
+    "dequantize_base",
     "disable_lora",
     "get_config",
     "get_lora_scale",
@@ -71,6 +74,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "merge_and_unload",
     "plan_injection",
+    "quantize_base",
     "read_safetensors",
     "save_all_adapters",
     "save_lora",

@@ -4,7 +4,7 @@
 native ``io`` module, the format readers) can raise it without importing each other; it is
 re-exported as ``convlora.io.LoRAFileError`` and ``convlora.LoRAFileError``. The other named errors
 stay beside the code that raises them: ``convlora.state.StateDictMismatchError``,
-``convlora.formats.LoRAFormatError`` (a ``LoRAFileError``), ``convlora.training.data.DataError``
+``convlora.formats.LoRAFormatError`` (a ``LoRAFileError``), ``convlora.quant.QuantizationError``, ``convlora.training.data.DataError``
 and ``convlora.training.checkpoints.CheckpointError``. All are ``ValueError`` subclasses.
 """
 

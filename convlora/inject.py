@@ -31,6 +31,7 @@ from convlora.layers import (
     checked_adapter_weight,
     is_spatial_conv,
 )
+from convlora.quant import QuantizationError, dequantize_base, is_quantized
 from convlora.state import LORA_PARAM_NAMES, check_adapter_tensors, check_state_dict
 
 CONFIG_ATTR = "convlora_configs"  # adapter name -> the LoRAConfig it was injected with, kept on the root module
@@ -197,6 +198,8 @@ def tied_weights(model: nn.Module, paths: Iterable[str]) -> dict[str, str]:
     modules = dict(model.named_modules())
     tied = {}
     for path in paths:
+        if is_quantized(modules[path]):
+            continue  # its weight is its own compact storage, never a parameter another module holds
         others = [n for n in by_memory.get(_memory_of(modules[path].weight), []) if n != f"{path}.weight"]
         if others:
             tied[path] = ", ".join(sorted(others))
@@ -493,18 +496,32 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
                 layer.lora_disabled = False
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every LoRA layer by its plain torch layer with ``s * ΔW`` merged in (fp32 math).
 
     Every merge is checked (finite in the weight's own dtype) before any layer is replaced; a
     failure leaves every layer as it was. Returns ``model``.
 
+    Args:
+        dequantize: for a quantized base (:func:`convlora.quantize_base`): first turn every quantized
+            weight of ``model`` back into a full-precision parameter (its dequantized values, in the
+            compute dtype), then merge. Without it a quantized base is refused.
+
     Raises:
+        QuantizationError: LoRA layers on a quantized base and not ``dequantize`` (named; nothing changed).
         ValueError: a merged weight would hold NaN / inf in its dtype (the layer is named).
-        RuntimeError: a weight that cannot take a merge: sharded, quantized, or tied to another
-            parameter (named; merging would change that parameter too).
+        RuntimeError: a weight that cannot take a merge: sharded, or tied to another parameter
+            (named; merging would change that parameter too).
     """
     layers = lora_layers(model)
+    quantized = sorted(path for path, layer in layers.items() if is_quantized(layer))
+    if quantized and not dequantize:
+        raise QuantizationError(
+            f"cannot merge LoRA into a quantized base ({len(quantized)} layers, e.g. {quantized[0]}): the merged "
+            "weight would need full precision; pass dequantize=True for a full-precision merged model, or unload()"
+        )
+    if quantized:
+        dequantize_base(model)
     was_merged = {path: layer.merged for path, layer in layers.items()}
     try:
         for layer in layers.values():

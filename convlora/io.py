@@ -29,6 +29,7 @@ from convlora.errors import LoRAFileError
 from convlora.inject import get_config, list_adapters, lora_layers, lora_state_dict, resolve_adapter_name, unchanged_on_error
 from convlora.layers import CONV_GEOMETRY_KEYS, conv_geometry_record
 from convlora.loading import AdapterLoad, ModuleLoad, load_adapter
+from convlora.quant import frozen_weight
 from convlora.state import check_finite, fingerprint
 
 __all__ = [
@@ -214,7 +215,7 @@ def _module_table(layers, adapters, config: LoRAConfig | None) -> dict[str, dict
             "type": type(layer).__name__,
             "r": adapters[path].r,
             "alpha": adapters[path].lora_alpha,
-            "base_shape": list(layer.weight.shape),
+            "base_shape": list(frozen_weight(layer).shape),
             **(conv_geometry_record(layer) or {}),
             **({"use_rslora": adapters[path].use_rslora} if adapters[path].use_rslora != default_rslora else {}),
         }
@@ -223,7 +224,7 @@ def _module_table(layers, adapters, config: LoRAConfig | None) -> dict[str, dict
 
 
 def _base_shapes(layers) -> dict[str, tuple[int, ...]]:
-    return {path: tuple(layer.weight.shape) for path, layer in layers.items()}
+    return {path: tuple(frozen_weight(layer).shape) for path, layer in layers.items()}
 
 
 def _config_for_table(table: Mapping[str, dict]) -> LoRAConfig:

@@ -41,6 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from convlora import fused
+from convlora.quant import frozen_weight, is_quantized
 from convlora.state import checked_alpha, checked_rank, delta_weight, scaling_for
 
 #: The name an adapter gets when none is given (as in PEFT and diffusers).
@@ -277,7 +278,7 @@ class LoRALayer:
         if name in self.lora_adapters:
             raise ValueError(f"{self._describe()} already has an adapter named {name!r}")
         a_shape, b_shape = self.lora_shapes_for(self, checked_rank(r, "LoRA rank r"))
-        weight = self.weight
+        weight = frozen_weight(self)  # a quantized base gives its compute dtype
         factory = {"dtype": weight.dtype, "device": weight.device}
         adapter = LoRAAdapter(a_shape, b_shape, lora_alpha, lora_dropout, use_rslora, init, factory, self._describe())
         self._set_active((name,), lambda: self.lora_adapters.__setitem__(name, adapter))
@@ -416,7 +417,8 @@ class LoRALayer:
             delta = delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in/g, *k)
             total = delta if total is None else total.add_(delta.to(total.device))
         if total is None:
-            return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+            base = frozen_weight(self)
+            return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
         return self._delta_to_weight_layout(total)
 
     def merge(self) -> None:
@@ -495,6 +497,8 @@ class LoRALayer:
 
     def _merge_blocker(self) -> str | None:
         """Why this weight cannot be merged in place, or None."""
+        if is_quantized(self):  # convlora.quant: the weight exists only during a forward call
+            return f"quantized ({self.quantized_weight.mode})"
         weight = self.weight
         kind = type(weight).__name__
         # FSDP (1 and 2) marks the modules it manages; after a forward their weights may be
@@ -601,7 +605,7 @@ class Linear(LoRALayer, nn.Linear):
 
     @classmethod
     def lora_shapes_for(cls, base, r):
-        n_out, n_in = base.weight.shape  # (out, in)
+        n_out, n_in = frozen_weight(base).shape  # (out, in)
         return (r, n_in), (n_out, r)
 
     def _lora_branch(self, x, adapter):
@@ -644,7 +648,7 @@ class _ConvLoRA(LoRALayer):
 
     @classmethod
     def lora_shapes_for(cls, base, r):
-        shape = tuple(base.weight.shape)  # (C_out, C_in/g, *k)
+        shape = tuple(frozen_weight(base).shape)  # (C_out, C_in/g, *k)
         return (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
 
     def _lora_branch(self, x, adapter):
@@ -712,7 +716,7 @@ class GPT2Conv1D(LoRALayer, HFConv1D):
 
     @classmethod
     def lora_shapes_for(cls, base, r):
-        n_in, n_out = base.weight.shape  # (in, out)
+        n_in, n_out = frozen_weight(base).shape  # (in, out)
         return (r, n_in), (n_out, r)
 
     @classmethod

@@ -43,6 +43,7 @@ from convlora.inject import (
     unchanged_on_error,
 )
 from convlora.layers import CONV_GEOMETRY_KEYS, DEFAULT_ADAPTER, LoRALayer, conv_geometry_record, lora_class_for
+from convlora.quant import frozen_weight
 from convlora.state import check_state_dict, fingerprint
 
 __all__ = ["AdapterLoad", "ModuleLoad", "load_adapter"]
@@ -136,8 +137,8 @@ def _check_modules(modules: Mapping[str, nn.Module], load: AdapterLoad) -> None:
             problems.append(f"{path}: no such module")
         elif lora_class_for(module) is None:
             problems.append(f"{path}: is a {type(module).__name__}, not a layer LoRA can wrap")
-        elif entry.base_shape is not None and tuple(module.weight.shape) != tuple(entry.base_shape):
-            problems.append(f"{path}: base weight is {tuple(module.weight.shape)}, file was made for {tuple(entry.base_shape)}")
+        elif entry.base_shape is not None and tuple(frozen_weight(module).shape) != tuple(entry.base_shape):
+            problems.append(f"{path}: base weight is {tuple(frozen_weight(module).shape)}, file was made for {tuple(entry.base_shape)}")
         else:
             problems += _geometry_problems(path, module, entry.geometry)
     if problems:
@@ -172,7 +173,7 @@ def _check_new_shapes(modules: Mapping[str, nn.Module], load: AdapterLoad) -> No
 def _check_fingerprint(model: nn.Module, name: str, load: AdapterLoad) -> None:
     """For an existing adapter: the file was made for exactly its modules on these base shapes."""
     layers = {p: layer for p, layer in lora_layers(model).items() if name in layer.lora_adapters}
-    if fingerprint({p: tuple(layer.weight.shape) for p, layer in layers.items()}) == load.fingerprint:
+    if fingerprint({p: tuple(frozen_weight(layer).shape) for p, layer in layers.items()}) == load.fingerprint:
         return
     problems = [f"{p}: in the file, not adapted in the model" for p in load.modules if p not in layers]
     problems += [f"{p}: adapted in the model, not in the file" for p in layers if p not in load.modules]

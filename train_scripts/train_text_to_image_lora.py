@@ -124,14 +124,18 @@ from convlora.training.distributed import (  # noqa: E402
     frozen_local_share,
     full_tensors,
     prepare_sharding,
+    requested_parallelism,
 )
 from convlora.training.metadata import training_metadata  # noqa: E402
 from convlora.training.noise import PREDICTION_TYPES, diffusion_loss, draw_step_noise, training_target  # noqa: E402
 from convlora.training.precision import (  # noqa: E402
+    BASE_PRECISIONS,
     adapter_dtypes,
+    base_storage_mode,
     cast_for_training,
     check_mixed_precision,
     parameter_dtypes,
+    store_frozen_base,
     weight_dtype_for,
 )
 from convlora.training.preflight import check_output_dir, check_resolution  # noqa: E402
@@ -346,6 +350,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Overrides the accelerate config. The frozen weights are stored in this dtype, LoRA stays fp32. "
                         "fp16 needs a GPU.")
+    g.add_argument("--base_precision", type=str, default=None, choices=list(BASE_PRECISIONS),
+                   help="Storage of the frozen UNet and text-encoder Linear/Conv weights (convs included): nf4 "
+                        "(bitsandbytes NF4, double-quantized, as QLoRA), int8 / fp8 (per-output-channel scales), or "
+                        "bf16 / fp16 / fp32; dequantized per layer into the compute dtype (--mixed_precision). "
+                        "Default: the mixed-precision dtype. Saved LoRA files are the same whatever the base.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--seed", type=int, default=None, help="Seed of every random choice " + default("seed") + "; omitted: drawn and recorded.")
 
@@ -486,6 +495,8 @@ def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
     rank, alpha = config.rank_and_alpha("linear", is_spatial_conv=False)
     settings = {"--unet_preset": args.unet_preset, "--rank": rank, "--lora_alpha": alpha,
                 "--train_text_encoder": bool(args.train_text_encoder)}
+    if args.base_precision is not None:  # the base the adapter's gradients were taken on
+        settings["--base_precision"] = args.base_precision
     if args.unet_preset == "full":
         settings["--conv_rank"], settings["--conv_alpha"] = config.rank_and_alpha("conv", is_spatial_conv=True)
     if args.train_text_encoder:
@@ -580,6 +591,7 @@ def setup(args: argparse.Namespace) -> tuple[Accelerator, Path | None]:
     transformers.utils.logging.set_verbosity(quiet)
     diffusers.utils.logging.set_verbosity(quiet)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    check_base_precision(args, accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -604,6 +616,15 @@ def setup(args: argparse.Namespace) -> tuple[Accelerator, Path | None]:
         broadcast_object_list(drawn, from_process=0)
         args.seed = int(drawn[0])
     return accelerator, resume_dir
+
+
+def check_base_precision(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse a --base_precision that cannot run here before any model is loaded: fp32 under half-precision
+    compute, or a quantized base under FSDP2 (sharding splits tensors along dim 0, which NF4's packed
+    blocks and the per-channel scales do not follow)."""
+    mode = base_storage_mode(args.base_precision, weight_dtype_for(accelerator.mixed_precision))
+    if mode in ("nf4", "int8", "fp8") and requested_parallelism() == "FSDP2":
+        raise ValueError(f"--base_precision {mode} with FSDP2: a quantized base is not sharded; use DDP (MULTI_CPU / MULTI_GPU)")
 
 
 def check_resolution_fits(args: argparse.Namespace) -> None:
@@ -730,6 +751,10 @@ def load_models(args: argparse.Namespace, accelerator: Accelerator) -> Models:
     cast_for_training(vae, vae_dtype, accelerator.device)
     for model in (unet, *text_encoders.values()):
         cast_for_training(model, weight_dtype, accelerator.device)
+    storage = base_storage_mode(args.base_precision, weight_dtype)
+    if storage is not None:
+        stored = store_frozen_base({"unet": unet, **text_encoders}, storage, weight_dtype)
+        logger.info(f"frozen base stored as {storage}: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in stored.items()))
     if args.gradient_checkpointing:
         enable_gradient_checkpointing([unet, *(text_encoders[name] for name in trained)])
     n_lora = sum(p.numel() for model in (unet, *(text_encoders[name] for name in trained))

@@ -8,12 +8,19 @@ the fp16 grad scaler act on float32 values ("Attempting to unscale FP16 gradient
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from convlora.inject import adapter_parameters, cast_lora_params, lora_layers
+from convlora.quant import quantize_base, quantized_bytes
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: ``--base_precision``: how the frozen Linear / Conv weights of the UNet and text encoders are stored.
+BASE_PRECISIONS = ("nf4", "int8", "fp8", "bf16", "fp16", "fp32")
+_STORED_AS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
@@ -64,3 +71,41 @@ def parameter_dtypes(model: nn.Module) -> dict[str, list[str]]:
 def adapter_dtypes(model: nn.Module) -> list[str]:
     """The dtypes of the adapter's parameters (``lora_A`` / ``lora_B``)."""
     return sorted({str(p.dtype) for p in adapter_parameters(model).values()})
+
+
+def base_storage_mode(base_precision: str | None, weight_dtype: torch.dtype) -> str | None:
+    """The :mod:`convlora.quant` mode ``--base_precision`` asks for under compute dtype ``weight_dtype``,
+    or None when the frozen weights stay as :func:`cast_for_training` left them (unset, or the same dtype).
+
+    nf4 / int8 / fp8 are quantized storage; bf16 / fp16 under another compute dtype are half-precision
+    storage, upcast per layer. fp32 storage under half-precision compute is refused: the mixed-precision
+    cast already stores the frozen weights in half precision.
+
+    Raises:
+        ValueError: an unknown value, or fp32 under half-precision compute (named).
+    """
+    if base_precision is None:
+        return None
+    if base_precision not in BASE_PRECISIONS:
+        raise ValueError(f"--base_precision must be one of {', '.join(BASE_PRECISIONS)}, got {base_precision!r}")
+    stored = _STORED_AS.get(base_precision)
+    if stored is None:
+        return base_precision
+    if stored == weight_dtype:
+        return None
+    if stored == torch.float32:
+        raise ValueError(
+            f"--base_precision fp32 with mixed precision {str(weight_dtype).replace('torch.', '')}: the frozen weights "
+            "are stored in the mixed-precision dtype; use --mixed_precision no for a float32 base"
+        )
+    return base_precision
+
+
+def store_frozen_base(models: Mapping[str, nn.Module], mode: str, weight_dtype: torch.dtype) -> dict[str, int]:
+    """Quantize the frozen Linear / Conv weights of each model (LoRA layers' base weights included)
+    into ``mode``, computed in ``weight_dtype``; returns the stored bytes per model name."""
+    stored = {}
+    for name, model in models.items():
+        quantize_base(model, mode, compute_dtype=weight_dtype)
+        stored[name] = quantized_bytes(model)
+    return stored

@@ -153,3 +153,16 @@ def test_resuming_with_another_alpha_names_both_values(script, capsys, tiny_base
     # an omitted --lora_alpha means alpha = rank = 4: the same settings, so this one is not refused for them
     line = _fails(script, capsys, script_args(tiny_base, toy_data, out, rank=4, max_train_steps=1, resume_from_checkpoint="latest"))
     assert line == f"error: {path} is at step 2, past --max_train_steps 1"
+
+
+def test_fp32_base_under_half_precision_compute_is_refused(script, capsys, tiny_base, toy_data, tmp_path):
+    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", base_precision="fp32", mixed_precision="bf16"))
+    assert line.endswith("--base_precision fp32 with mixed precision bfloat16: the frozen weights are stored in the "
+                         "mixed-precision dtype; use --mixed_precision no for a float32 base")
+
+
+def test_quantized_base_under_fsdp2_is_refused(script, capsys, tiny_base, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", base_precision="nf4"))
+    assert line.endswith("--base_precision nf4 with FSDP2: a quantized base is not sharded; use DDP (MULTI_CPU / MULTI_GPU)")
