@@ -72,8 +72,9 @@ def accuracy(workload: bench.Workload) -> dict[str, float]:
     return errors
 
 
-def training(workload: bench.Workload, repeats: int) -> dict[str, dict[str, float]]:
-    """Frozen MiB, step memory and step time per base storage (see the module docstring)."""
+def training(workload: bench.Workload, repeats: int, warmup: bool = True) -> dict[str, dict[str, float]]:
+    """Frozen MiB, step memory and step time per base storage (see the module docstring); ``warmup``:
+    one untimed round first."""
     torch.manual_seed(0)
     base = workload.build().requires_grad_(False)
     targets = workload.presets["full"]
@@ -86,11 +87,11 @@ def training(workload: bench.Workload, repeats: int) -> dict[str, dict[str, floa
     models["peft + bitsandbytes Linear4bit"] = _peft_on_linear4bit(base, workload.presets["full"], models["convlora fp32"]).train()
     inputs, cpu = workload.inputs(), torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(repeats + 1):  # round 0 warms up
+    for round_ in range(repeats + warmup):  # with warmup, round 0 is untimed
         for name, model in models.items():
             wall, _ = bench._timed(lambda: bench._train_step(workload, model, inputs), cpu)
             bench._reset_grads(model)
-            if round_:
+            if round_ or not warmup:
                 times[name].append(wall)
     rows = {}
     for name, model in models.items():
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.smoke:
         result["frozen_bytes"]["unet-sd15 (meta)"] = frozen_bytes(_sd15_on_meta())
     train_on = "unet-tiny" if args.smoke else "unet-sd"
-    result["training"] = {train_on: training(table[train_on](), 1 if args.smoke else args.repeats)}
+    result["training"] = {train_on: training(table[train_on](), 1 if args.smoke else args.repeats, warmup=not args.smoke)}
     print(format_tables(result))
     out = args.out or (None if args.smoke else REPO / "benchmarks/results/quant_base.json")
     if out:

@@ -152,3 +152,23 @@ def test_adapter_dispatch_smoke_run_reports_every_variant(tmp_path):
         assert list(report[name]) == ["kernel", "layer, 1 adapter", "layer, 2 adapters"]
         assert report[name]["kernel"]["ratio_to_kernel"] == 1.0
         assert all(row["median_us"] > 0 and row["ratio_to_kernel"] > 0 for row in report[name].values())
+
+
+def test_quant_base_smoke_reports_accuracy_bytes_and_training_rows(bench, tmp_path):  # `bench` registers bench_lora
+    spec = importlib.util.spec_from_file_location("quant_base", BENCH.parent / "quant_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "quant.json"
+    report = module.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    errors = report["accuracy"]["unet-tiny"]
+    assert set(errors) == {"bfloat16", "float16", "nf4", "int8", "fp8", "bf16", "fp16"}
+    assert errors["fp16"] < errors["int8"] < errors["fp8"] < errors["nf4"] < 0.5
+    sizes = report["frozen_bytes"]["unet-tiny"]
+    assert sizes["bf16"]["x_bf16"] == 1.0 and 0.25 < sizes["nf4"]["x_bf16"] < 0.27
+    assert sizes["bitsandbytes Linear4bit (PEFT / diffusers)"]["convkxk"] == sizes["bf16"]["convkxk"]
+    rows = report["training"]["unet-tiny"]
+    assert list(rows) == ["convlora fp32", "convlora bf16 storage", "convlora fp8", "convlora int8", "convlora nf4",
+                          "peft + bitsandbytes Linear4bit"]
+    assert rows["convlora nf4"]["frozen_mib"] < rows["convlora int8"]["frozen_mib"] < rows["convlora fp32"]["frozen_mib"]
+    assert all(row["ms_median"] > 0 and row["grads_mib"] > 0 for row in rows.values())

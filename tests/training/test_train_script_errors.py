@@ -155,10 +155,18 @@ def test_resuming_with_another_alpha_names_both_values(script, capsys, tiny_base
     assert line == f"error: {path} is at step 2, past --max_train_steps 1"
 
 
-def test_fp32_base_under_half_precision_compute_is_refused(script, capsys, tiny_base, toy_data, tmp_path):
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", base_precision="fp32", mixed_precision="bf16"))
-    assert line.endswith("--base_precision fp32 with mixed precision bfloat16: the frozen weights are stored in the "
-                         "mixed-precision dtype; use --mixed_precision no for a float32 base")
+def test_base_precision_against_the_compute_dtype():
+    # (the script calls this in setup; in process, accelerate's state cannot change mixed precision)
+    from convlora.training.precision import base_storage_mode
+
+    assert [base_storage_mode(p, torch.float32) for p in (None, "nf4", "int8", "fp8", "bf16", "fp16", "fp32")] == [
+        None, "nf4", "int8", "fp8", "bf16", "fp16", None]
+    assert base_storage_mode("bf16", torch.bfloat16) is None and base_storage_mode("fp16", torch.bfloat16) == "fp16"
+    with pytest.raises(ValueError, match=r"^--base_precision fp32 with mixed precision bfloat16: the frozen weights are "
+                                         r"stored in the mixed-precision dtype; use --mixed_precision no for a float32 base$"):
+        base_storage_mode("fp32", torch.bfloat16)
+    with pytest.raises(ValueError, match="--base_precision must be one of nf4, int8, fp8, bf16, fp16, fp32, got 'int4'"):
+        base_storage_mode("int4", torch.float32)
 
 
 def test_quantized_base_under_fsdp2_is_refused(script, capsys, tiny_base, toy_data, tmp_path, monkeypatch):
