@@ -6,26 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from train_script_helpers import check_ok, launch, script_args, summary
+from train_script_helpers import check_ok, launch, load_pipeline, script_args, summary, unet_out
 
 from convlora.diffusion import load_pipeline_lora
 
 pytestmark = pytest.mark.slow
-
-
-def _pipeline(base):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _unet_out(unet) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(123)
-    x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
-    with torch.no_grad():
-        return unet(x, torch.tensor([20, 600]), h).sample
 
 
 def test_nf4_base_trains_under_ddp_and_its_files_load_in_diffusers(tiny_base, toy_data, tmp_path):
@@ -39,11 +24,11 @@ def test_nf4_base_trains_under_ddp_and_its_files_load_in_diffusers(tiny_base, to
     assert len(losses) == 4 and all(np.isfinite(losses))
     # The adapter file is an ordinary one: diffusers loads it onto a full-precision base, and gives what
     # convlora's own loader gives.
-    reference = _pipeline(tiny_base)
+    reference = load_pipeline(tiny_base)
     info = load_pipeline_lora(out / "lora_convlora.safetensors", unet=reference.unet, text_encoder=reference.text_encoder)
     assert info["unet"] and info["text_encoder"]
-    expected = _unet_out(reference.unet)
-    assert not torch.allclose(expected, _unet_out(_pipeline(tiny_base).unet), atol=1e-4)  # the LoRA changed the UNet
-    pipe = _pipeline(tiny_base)
+    expected = unet_out(reference.unet)
+    assert not torch.allclose(expected, unet_out(load_pipeline(tiny_base).unet), atol=1e-4)  # the LoRA changed the UNet
+    pipe = load_pipeline(tiny_base)
     pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
-    assert torch.allclose(_unet_out(pipe.unet), expected, atol=1e-5)
+    assert torch.allclose(unet_out(pipe.unet), expected, atol=1e-5)

@@ -16,28 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_script_helpers import REPO, SCRIPT, check_ok, launch, script_args, summary
+from train_script_helpers import REPO, SCRIPT, check_ok, launch, load_pipeline, script_args, summary, unet_out
 
 from convlora import load_lora, read_safetensors
 from convlora.state import check_finite
 from convlora.training.checkpoints import list_checkpoints, read_state, resolve_resume_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _pipeline(base: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _unet_out(unet) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(123)
-    x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
-    with torch.no_grad():
-        return unet(x, torch.tensor([20, 600]), h).sample
 
 
 def _all_tensors_finite(folder: Path) -> None:
@@ -64,24 +49,24 @@ def test_trains_saves_loads_back_and_reports(tiny_base, toy_data, tmp_path):
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
 
     # 1. the files load back -- convlora and diffusers' own loader -- and give the trained model's outputs
-    reference_pipe = _pipeline(tiny_base)
+    reference_pipe = load_pipeline(tiny_base)
     load_lora(reference_pipe.unet, out / "checkpoint-16" / "unet_lora.safetensors")  # the exact trained weights
-    reference = _unet_out(reference_pipe.unet)
-    assert not torch.allclose(reference, _unet_out(_pipeline(tiny_base).unet), atol=1e-3)  # LoRA changed something
+    reference = unet_out(reference_pipe.unet)
+    assert not torch.allclose(reference, unet_out(load_pipeline(tiny_base).unet), atol=1e-3)  # LoRA changed something
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        pipe = _pipeline(tiny_base)
+        pipe = load_pipeline(tiny_base)
         pipe.load_lora_weights(str(out / name))
-        assert torch.allclose(_unet_out(pipe.unet), reference, atol=1e-5), name
+        assert torch.allclose(unet_out(pipe.unet), reference, atol=1e-5), name
     from convlora.diffusion import load_pipeline_lora
 
-    pipe = _pipeline(tiny_base)
+    pipe = load_pipeline(tiny_base)
     loaded = load_pipeline_lora(out / "lora_convlora.safetensors", unet=pipe.unet)
-    assert loaded["format"] == "native" and torch.allclose(_unet_out(pipe.unet), reference, atol=1e-6)
+    assert loaded["format"] == "native" and torch.allclose(unet_out(pipe.unet), reference, atol=1e-6)
 
     # 7. validation: base | LoRA grids (first at step 8), the LoRA images reproduce with the saved file
     grid_8, grid_final = out / "validation" / "step-000008.png", out / "validation" / "final.png"
     assert grid_8.is_file() and grid_final.is_file()
-    pipe = _pipeline(tiny_base)
+    pipe = load_pipeline(tiny_base)
     pipe.load_lora_weights(str(out))
     images = pipe(["a photo of a sks ball"] * 2, generator=[torch.Generator().manual_seed(s["seed"] + i) for i in range(2)],
                   num_inference_steps=3, guidance_scale=1.0).images
@@ -91,7 +76,7 @@ def test_trains_saves_loads_back_and_reports(tiny_base, toy_data, tmp_path):
         x0 = label_w + 2 * tile + gap + i * tile
         shown = grid[header:header + tile:3, x0:x0 + tile:3]  # undo the 3x nearest upscale
         assert np.abs(shown - np.asarray(image).astype(int)).max() <= 2
-    base_pipe = _pipeline(tiny_base)
+    base_pipe = load_pipeline(tiny_base)
     base_images = base_pipe(["a photo of a sks ball"] * 2, generator=[torch.Generator().manual_seed(s["seed"] + i) for i in range(2)],
                             num_inference_steps=3, guidance_scale=1.0).images
     for i, image in enumerate(base_images):

@@ -90,3 +90,22 @@ def check_ok(result) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
+
+
+def load_pipeline(base: Path):
+    """The saved tiny SD pipeline, as the tests load it (no safety checker, no progress bar)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_out(unet):
+    """The UNet's output on fixed random inputs ((2, 4, 8, 8) latents, timesteps 20 and 600, (2, 77, 32) text)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(123)
+    x, h = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([20, 600]), h).sample
