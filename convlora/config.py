@@ -12,10 +12,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from convlora.kinds import AdapterKind
 from convlora.state import checked_alpha, checked_rank
 
 INIT_CHOICES = ("kaiming", "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
+#: ``LoRAConfig.kind``: ``"dora"`` is LoRA with weight decomposition (``lora`` + DoRA's magnitude).
+KIND_CHOICES = ("lora", "dora", "loha", "lokr")
+#: The kind fields and their defaults; a plain LoRA config leaves them out of :meth:`LoRAConfig.to_dict`,
+#: so its files' headers are what they were before adapter kinds existed.
+_KIND_DEFAULTS = {"kind": "lora", "factor": -1, "decompose_both": False, "weight_decompose": False}
 
 
 def path_matches(pattern: str, path: str) -> bool:
@@ -88,6 +94,16 @@ class LoRAConfig:
     """Which biases train and are saved with the adapter: ``"none"``, ``"all"`` or ``"lora_only"``."""
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (segment-suffix match)."""
+    kind: str = "lora"
+    """The adapter kind: ``"lora"``, ``"dora"`` (LoRA + weight decomposition), ``"loha"`` or ``"lokr"``
+    (LyCORIS's Hadamard and Kronecker products); the math is in :mod:`convlora.kinds`."""
+    factor: int = -1
+    """LoKr: the Kronecker factor size to aim for; ``-1``: the most balanced split (LyCORIS's ``factor``)."""
+    decompose_both: bool = False
+    """LoKr: factorise the smaller Kronecker factor too (LyCORIS's ``decompose_both``)."""
+    weight_decompose: bool = False
+    """DoRA's magnitude on a LoHa / LoKr adapter (LyCORIS's ``weight_decompose``, kohya's ``dora_wd``);
+    ``kind="dora"`` is the same on LoRA."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -120,10 +136,26 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
         if not isinstance(self.bias, str) or self.bias not in BIAS_CHOICES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if not isinstance(self.kind, str) or self.kind not in KIND_CHOICES:
+            raise ValueError(f"LoRAConfig.kind must be one of {KIND_CHOICES}, got {self.kind!r}")
+        if self.kind in ("lora", "dora") and self.weight_decompose:
+            raise ValueError("LoRAConfig.weight_decompose is for loha / lokr; for LoRA with DoRA use kind='dora'")
+        try:
+            self.adapter_kind()
+        except ValueError as err:
+            raise ValueError(f"LoRAConfig: {err}") from None
+        if self.kind not in ("lora", "dora") and self.init != "kaiming":
+            raise ValueError(f"LoRAConfig.init={self.init!r} is LoRA's; {self.kind} uses LyCORIS's initialisation")
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) and m for m in self.modules_to_save)
         ):
             raise ValueError(f"LoRAConfig.modules_to_save must be None or a list of module names, got {self.modules_to_save!r}")
+
+    def adapter_kind(self) -> AdapterKind:
+        """The :class:`convlora.kinds.AdapterKind` each injected adapter gets."""
+        name = "lora" if self.kind == "dora" else self.kind
+        return AdapterKind(name, use_dora=self.kind == "dora" or self.weight_decompose, factor=self.factor,
+                           decompose_both=self.decompose_both)
 
     def rank_and_alpha(self, path: str, is_spatial_conv: bool) -> tuple[int, float]:
         """Rank and alpha for one module path.
@@ -150,8 +182,12 @@ class LoRAConfig:
         return rank, float(rank if alpha is None else alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
+        """Plain, JSON-serialisable dict of every field (the kind fields only where they differ from LoRA's)."""
+        data = dataclasses.asdict(self)
+        for name, default in _KIND_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -170,6 +206,13 @@ class LoRAConfig:
     @classmethod
     def from_json(cls, text: str) -> "LoRAConfig":
         return cls.from_dict(json.loads(text))
+
+
+def config_kind(label: str) -> dict[str, Any]:
+    """The :class:`LoRAConfig` kind fields for an adapter kind label (``"lora"``, ``"dora"``, ``"loha"``,
+    ``"lokr"``, ``"loha+dora"``, ``"lokr+dora"``; :attr:`convlora.kinds.AdapterKind.label`)."""
+    name, _, extra = label.partition("+")
+    return {"kind": name, "weight_decompose": True} if extra == "dora" else {"kind": name}
 
 
 def _check(name: str, check, value: Any) -> None:

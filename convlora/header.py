@@ -22,6 +22,7 @@ import torch
 
 from convlora.config import LoRAConfig
 from convlora.errors import LoRAFileError
+from convlora.kinds import kind_from_label
 from convlora.state import checked_alpha, checked_rank
 
 MODULES_KEY = "convlora_modules"
@@ -110,6 +111,11 @@ def _module_entry(path: str, entry: object, where: str) -> dict[str, Any]:
         raise LoRAFileError(f"{where}.padding_mode must be one of {PADDING_MODES}, got {entry['padding_mode']!r}")
     if "use_rslora" in entry and not isinstance(entry["use_rslora"], bool):
         raise LoRAFileError(f"{where}.use_rslora must be true or false, got {entry['use_rslora']!r}")
+    if "kind" in entry:
+        try:
+            kind_from_label(entry["kind"] if isinstance(entry["kind"], str) else repr(entry["kind"]))
+        except ValueError as err:
+            raise LoRAFileError(f"{where}.kind: {err}") from None
     return checked
 
 

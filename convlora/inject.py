@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from convlora.config import LoRAConfig, key_matches, path_matches, pattern_matches
+from convlora.kinds import AdapterKind
 from convlora.layers import (
     DEFAULT_ADAPTER,
     LORA_CLASSES,
@@ -32,7 +33,7 @@ from convlora.layers import (
     is_spatial_conv,
 )
 from convlora.quant import QuantizationError, dequantize_base, is_quantized
-from convlora.state import LORA_PARAM_NAMES, check_adapter_tensors, check_state_dict
+from convlora.state import check_adapter_tensors, check_state_dict
 
 CONFIG_ATTR = "convlora_configs"  # adapter name -> the LoRAConfig it was injected with, kept on the root module
 
@@ -45,6 +46,10 @@ class LayerSpec:
     alpha: float
     use_rslora: bool | None = None
     """``alpha / sqrt(r)`` scaling for this module; ``None`` means the config's ``use_rslora``."""
+    kind: AdapterKind | None = None
+    """This module's adapter kind; ``None`` means the config's (:meth:`LoRAConfig.adapter_kind`)."""
+    lokr_shapes: Mapping[str, tuple[int, ...]] | None = None
+    """A LoKr adapter's parameter shapes (a loaded file's); ``None``: derived from the rank and kind."""
 
 
 def plan_injection(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, LayerSpec]:
@@ -159,23 +164,14 @@ def apply_plan(
         base = modules[path]
         if isinstance(base, LoRALayer):
             continue
-        layer = LORA_CLASSES[type(base)].from_module(
-            base,
-            r=spec.r,
-            alpha=spec.alpha,
-            dropout=config.dropout,
-            merge_weights=config.merge_on_eval,
-            init=config.init,
-            use_rslora=config.use_rslora if spec.use_rslora is None else spec.use_rslora,
-            adapter_name=adapter_name,
-        )
+        layer = LORA_CLASSES[type(base)].from_module(base, merge_weights=config.merge_on_eval, adapter_name=None)
         layer._lora_path = path
+        _add_planned_adapter(layer, adapter_name, spec, config)
         layer._tied_to = tied.get(path)
         new_layers[path] = layer
     for path, spec in plan.items():
         if path not in new_layers:
-            use_rslora = config.use_rslora if spec.use_rslora is None else spec.use_rslora
-            modules[path].add_adapter(adapter_name, spec.r, spec.alpha, config.dropout, config.init, use_rslora)
+            _add_planned_adapter(modules[path], adapter_name, spec, config)
     for path, layer in new_layers.items():
         _set_submodule(model, path, layer)
         if not modules[path].training:
@@ -184,6 +180,13 @@ def apply_plan(
     setattr(model, CONFIG_ATTR, {**_configs(model), adapter_name: config})
     for layer in lora_layers(model).values():
         layer.set_active_adapters([adapter_name] if adapter_name in layer.lora_adapters else [])
+
+
+def _add_planned_adapter(layer: LoRALayer, name: str, spec: LayerSpec, config: LoRAConfig) -> None:
+    use_rslora = config.use_rslora if spec.use_rslora is None else spec.use_rslora
+    kind = config.adapter_kind() if spec.kind is None else spec.kind
+    layer.add_adapter(name, spec.r, spec.alpha, config.dropout, config.init, use_rslora, kind=kind,
+                      lokr_shapes=spec.lokr_shapes)
 
 
 def tied_weights(model: nn.Module, paths: Iterable[str]) -> dict[str, str]:
@@ -335,8 +338,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str | None = None, adapt
 def adapter_parameters(model: nn.Module, bias: str | None = None, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
     """Name -> parameter for everything that belongs to one adapter (what trains and what is saved).
 
-    Decided by structure, not by ``"lora" in name``: that adapter's ``lora_A`` / ``lora_B`` in each
-    LoRA layer (named ``<path>.lora_A`` / ``<path>.lora_B``, the adapter file's keys), then biases
+    Decided by structure, not by ``"lora" in name``: that adapter's tensors in each LoRA layer
+    (``<path>.lora_A`` / ``<path>.lora_B``, or its kind's :attr:`~convlora.kinds.AdapterBase.param_names`:
+    the adapter file's keys), then biases
     per ``bias``, then every parameter of the config's ``modules_to_save``.
 
     Args:
@@ -352,8 +356,8 @@ def adapter_parameters(model: nn.Module, bias: str | None = None, adapter_name: 
         if name not in layer.lora_adapters:
             continue
         adapter = layer.lora_adapters[name]
-        for param_name in LORA_PARAM_NAMES:
-            params[f"{path}.{param_name}"] = getattr(adapter, param_name)
+        for param_name, param in zip(adapter.param_names, adapter.factors()):
+            params[f"{path}.{param_name}"] = param
         if bias == "lora_only" and layer.bias is not None:
             params[f"{path}.bias"] = layer.bias
     if bias == "all":
@@ -451,7 +455,7 @@ def _lora_snapshot(model: nn.Module) -> tuple[dict[str, tuple], dict[str, LoRACo
     state = {}
     for path, layer in lora_layers(model).items():
         adapters = {
-            name: (a, a.lora_A.detach().clone(), a.lora_B.detach().clone(), a.lora_alpha, a.use_rslora, a.weight)
+            name: (a, [t.detach().clone() for t in a.factors()], a.lora_alpha, a.use_rslora, a.weight)
             for name, a in layer.lora_adapters.items()
         }
         state[path] = (layer, adapters, layer.active_adapters, layer.merged)
@@ -468,10 +472,10 @@ def _restore_lora(model: nn.Module, snapshot: tuple[dict[str, tuple], dict[str, 
         if model.get_submodule(path) is not layer:
             _set_submodule(model, path, layer)
         layer.lora_adapters = nn.ModuleDict({name: saved[0] for name, saved in adapters.items()})
-        for adapter, lora_A, lora_B, alpha, use_rslora, weight in adapters.values():
+        for adapter, factors, alpha, use_rslora, weight in adapters.values():
             with torch.no_grad():
-                adapter.lora_A.copy_(lora_A)
-                adapter.lora_B.copy_(lora_B)
+                for tensor, saved in zip(adapter.factors(), factors):
+                    tensor.copy_(saved)
             adapter.lora_alpha, adapter.use_rslora, adapter.weight = alpha, use_rslora, weight
         layer._active_adapters = active
         if merged:

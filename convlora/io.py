@@ -3,8 +3,9 @@
 Header metadata (all strings, as safetensors requires):
     ``convlora_format``       ``"1"``
     ``convlora_config``       the LoRAConfig as JSON
-    ``convlora_modules``      JSON ``{path: {"type", "r", "alpha", "base_shape"[, conv geometry][, "use_rslora"]}}``
-                              (``use_rslora`` where a module's differs from the config's)
+    ``convlora_modules``      JSON ``{path: {"type", "r", "alpha", "base_shape"[, conv geometry][, "use_rslora"][, "kind"]}}``
+                              (``use_rslora`` where a module's differs from the config's; ``kind`` for
+                              adapters other than plain LoRA: ``dora``, ``loha``, ``lokr``, ``loha+dora``, ``lokr+dora``)
     ``convlora_fingerprint``  hash of the adapted paths and base weight shapes
 plus any user metadata (e.g. the training script's base model, steps, resolution). Headers are
 read and checked by :mod:`convlora.header`.
@@ -27,6 +28,7 @@ from convlora.atomic import replace_folder, write_file_atomic
 from convlora.config import LoRAConfig
 from convlora.errors import LoRAFileError
 from convlora.inject import get_config, list_adapters, lora_layers, lora_state_dict, resolve_adapter_name, unchanged_on_error
+from convlora.kinds import kind_from_label
 from convlora.layers import CONV_GEOMETRY_KEYS, conv_geometry_record
 from convlora.loading import AdapterLoad, ModuleLoad, load_adapter
 from convlora.quant import frozen_weight
@@ -197,6 +199,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, ad
         p: ModuleLoad(
             m["r"], m["alpha"], m.get("use_rslora", default_rslora),
             geometry={k: m[k] for k in CONV_GEOMETRY_KEYS if k in m} or None, base_shape=tuple(m["base_shape"]),
+            kind=kind_from_label(m.get("kind", "lora")),
         )
         for p, m in table.items()
     }
@@ -218,6 +221,7 @@ def _module_table(layers, adapters, config: LoRAConfig | None) -> dict[str, dict
             "base_shape": list(frozen_weight(layer).shape),
             **(conv_geometry_record(layer) or {}),
             **({"use_rslora": adapters[path].use_rslora} if adapters[path].use_rslora != default_rslora else {}),
+            **({"kind": adapters[path].kind.label} if not adapters[path].is_plain_lora else {}),
         }
         for path, layer in layers.items()
     }

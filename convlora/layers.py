@@ -30,7 +30,6 @@ with one warning naming why.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -41,8 +40,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from convlora import fused
-from convlora.quant import frozen_weight, is_quantized
-from convlora.state import checked_alpha, checked_rank, delta_weight, scaling_for
+from convlora.kinds import LORA, AdapterBase, AdapterKind, LoRAAdapter, checked_adapter_weight, dora_gain, make_adapter
+from convlora.quant import QuantizedWeight, frozen_weight, is_quantized
+from convlora.state import checked_rank
 
 #: The name an adapter gets when none is given (as in PEFT and diffusers).
 DEFAULT_ADAPTER = "default"
@@ -57,17 +57,6 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def checked_adapter_weight(value: object, what: str = "adapter weight") -> float:
-    """``value`` as a float if it is a usable adapter weight (LoRA strength): a finite real number.
-
-    Raises:
-        ValueError: naming ``what`` and the value.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def checked_adapter_name(name: object) -> str:
     """``name`` if it can name an adapter: a non-empty string without ``.``, ``/`` or ``\\`` (it becomes a
     module name and, in :func:`convlora.save_all_adapters`, a file name).
@@ -78,89 +67,6 @@ def checked_adapter_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
         raise ValueError(f"an adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
     return name
-
-
-class LoRAAdapter(nn.Module):
-    """One adapter of a LoRA layer: ``w * s * B @ A`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-
-    Attributes:
-        lora_A: ``(r, in)`` for Linear / GPT-2 Conv1D, ``(r, C_in/g, *k)`` for ConvNd.
-        lora_B: ``(out, r)``, ``(C_out, r, *1s)``.
-        r: rank.
-        lora_alpha: scaling numerator (a finite number > 0).
-        use_rslora: ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        weight: the adapter's weight in the layer's sum (LoRA strength; 1 as trained).
-        scaling: ``weight * trained_scaling``, the one number every code path multiplies ``B A x`` by.
-        lora_dropout: dropout on the branch's input while training (``nn.Identity`` for p = 0).
-    """
-
-    def __init__(self, a_shape: Sequence[int], b_shape: Sequence[int], lora_alpha: float | None, dropout: float,
-                 use_rslora: bool, init: str, factory: dict[str, Any], owner: str = "LoRA layer") -> None:
-        super().__init__()
-        r = checked_rank(int(a_shape[0]), "LoRA rank r")
-        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
-        if not isinstance(use_rslora, bool):
-            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
-        self._owner = owner
-        self.r = r
-        self._use_rslora = use_rslora
-        self._lora_alpha = checked_alpha(r if lora_alpha is None else lora_alpha, f"lora_alpha of {owner}")
-        self._weight = 1.0
-        # nn.Identity, not a lambda: module state must be a module (and p = 0 costs nothing).
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(tuple(a_shape), **factory))
-        self.lora_B = nn.Parameter(torch.zeros(tuple(b_shape), **factory))
-        self.reset_parameters(init)
-
-    @property
-    def lora_alpha(self) -> float:
-        return self._lora_alpha
-
-    @lora_alpha.setter
-    def lora_alpha(self, value: float) -> None:
-        self._lora_alpha = checked_alpha(value, f"lora_alpha of {self._owner}")
-
-    @property
-    def use_rslora(self) -> bool:
-        return self._use_rslora
-
-    @use_rslora.setter
-    def use_rslora(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"use_rslora of {self._owner} must be True or False, got {value!r}")
-        self._use_rslora = value
-
-    @property
-    def weight(self) -> float:
-        return self._weight
-
-    @weight.setter
-    def weight(self, value: float) -> None:
-        self._weight = checked_adapter_weight(value, f"adapter weight of {self._owner}")
-
-    @property
-    def trained_scaling(self) -> float:
-        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA): the scaling at weight 1."""
-        return scaling_for(self.r, self._lora_alpha, self._use_rslora)
-
-    @property
-    def scaling(self) -> float:
-        return self.trained_scaling * self._weight
-
-    def reset_parameters(self, init: str = "kaiming") -> None:
-        """A: Kaiming-uniform (a=sqrt(5), as ``nn.Linear``) or N(0, 1/r²); B: zeros, so ΔW = 0."""
-        with torch.no_grad():
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            elif init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
-            nn.init.zeros_(self.lora_B)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self._lora_alpha:g}, use_rslora={self._use_rslora}, weight={self._weight:g}"
 
 
 class LoRALayer:
@@ -189,7 +95,8 @@ class LoRALayer:
         merge_weights: bool,
         init: str = "kaiming",
         use_rslora: bool = False,
-        adapter_name: str = DEFAULT_ADAPTER,
+        adapter_name: str | None = DEFAULT_ADAPTER,
+        kind: AdapterKind = LORA,
     ) -> None:
         self.merge_weights = merge_weights
         self.merged = False
@@ -199,7 +106,8 @@ class LoRALayer:
         # The exact pre-merge weight while merged; non-persistent, so never saved.
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self._merged_lora: _MergeRecord | None = None  # the adapters the merge was made with
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init=init, use_rslora=use_rslora)
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, init=init, use_rslora=use_rslora, kind=kind)
 
     @classmethod
     def lora_shapes_for(cls, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -214,6 +122,23 @@ class LoRALayer:
         return (int(b_shape[0]), *(int(s) for s in a_shape[1:]))
 
     @classmethod
+    def delta_shape_for(cls, base: nn.Module) -> tuple[int, ...]:
+        """The delta layout of ``base``'s weight, ``(out, in/g, *k)`` (every kind's ΔW has this shape)."""
+        return tuple(frozen_weight(base).shape)
+
+    def _to_delta_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's weight layout -> ``(out, in/g, *k)`` (the inverse of :meth:`_delta_to_weight_layout`)."""
+        return weight
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor in the delta layout (a quantized base dequantized; while
+        merged, the saved pre-merge weight)."""
+        weight = self._unmerged_weight if getattr(self, "merged", False) else frozen_weight(self)
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize()
+        return self._to_delta_layout(weight)
+
+    @classmethod
     def from_module(
         cls,
         base: nn.Module,
@@ -223,10 +148,12 @@ class LoRALayer:
         merge_weights: bool = True,
         init: str = "kaiming",
         use_rslora: bool = False,
-        adapter_name: str = DEFAULT_ADAPTER,
+        adapter_name: str | None = DEFAULT_ADAPTER,
+        kind: AdapterKind = LORA,
     ) -> "LoRALayer":
         """Wrap an existing layer, sharing its ``weight`` / ``bias`` tensors (nothing re-initialised),
-        with one adapter named ``adapter_name``.
+        with one adapter named ``adapter_name`` of ``kind`` (LoRA unless given; ``None``: no adapter yet,
+        add one with :meth:`add_adapter`).
 
         The new layer takes over the base module's attributes, parameters, buffers and hooks; the
         base module itself is left as it was.
@@ -242,7 +169,8 @@ class LoRALayer:
             )
         layer = cls.__new__(cls)
         layer.__dict__.update(_copy_module_state(base.__dict__))
-        layer._init_lora(r, alpha, dropout, merge_weights, init=init, use_rslora=use_rslora, adapter_name=adapter_name)
+        layer._init_lora(r, alpha, dropout, merge_weights, init=init, use_rslora=use_rslora, adapter_name=adapter_name,
+                         kind=kind)
         return layer
 
     def to_base_layer(self, merge: bool) -> nn.Module:
@@ -267,20 +195,27 @@ class LoRALayer:
     # ---- adapters: add, delete, activate ----------------------------------------------------------
     def add_adapter(
         self, name: str, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-        init: str = "kaiming", use_rslora: bool = False,
-    ) -> LoRAAdapter:
-        """Add an adapter (``lora_B = 0``, so outputs are unchanged) and make it the only active one.
+        init: str = "kaiming", use_rslora: bool = False, kind: AdapterKind = LORA,
+        lokr_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> AdapterBase:
+        """Add an adapter of ``kind`` (its update starts at zero, so outputs are unchanged) and make it
+        the only active one. ``lokr_shapes``: a LoKr adapter's parameter shapes (as a file gives them).
 
         Raises:
-            ValueError: a bad name, rank, alpha or dropout, or a name the layer already has.
+            ValueError: a bad name, rank, alpha, dropout or kind option, or a name the layer already has.
         """
         checked_adapter_name(name)
         if name in self.lora_adapters:
             raise ValueError(f"{self._describe()} already has an adapter named {name!r}")
-        a_shape, b_shape = self.lora_shapes_for(self, checked_rank(r, "LoRA rank r"))
+        r = checked_rank(r, "LoRA rank r")
         weight = frozen_weight(self)  # a quantized base gives its compute dtype
         factory = {"dtype": weight.dtype, "device": weight.device}
-        adapter = LoRAAdapter(a_shape, b_shape, lora_alpha, lora_dropout, use_rslora, init, factory, self._describe())
+        adapter = make_adapter(
+            kind, delta_shape=self.delta_shape_for(self), lora_shapes=self.lora_shapes_for(self, r), r=r,
+            lora_alpha=lora_alpha, dropout=lora_dropout, use_rslora=use_rslora, init=init, factory=factory,
+            owner=self._describe(), base_weight=self.dense_base_weight() if kind.use_dora else None,
+            lokr=lokr_shapes,
+        )
         self._set_active((name,), lambda: self.lora_adapters.__setitem__(name, adapter))
         return adapter
 
@@ -332,7 +267,7 @@ class LoRALayer:
         if remerge:
             self._merge_or_run_unmerged()
 
-    def adapter(self, name: str | None = None) -> LoRAAdapter:
+    def adapter(self, name: str | None = None) -> AdapterBase:
         """Adapter ``name``; ``None``: the single active adapter (or the only one, when none is active).
 
         Raises:
@@ -352,7 +287,7 @@ class LoRALayer:
             f"{self._describe()} has several active adapters ({_names(names)}); name one: layer.adapter(name)"
         )
 
-    def _active(self) -> list[LoRAAdapter]:
+    def _active(self) -> list[AdapterBase]:
         modules = self.lora_adapters._modules
         return [modules[n] for n in self._active_adapters]
 
@@ -396,9 +331,41 @@ class LoRALayer:
             adapter.reset_parameters(init)
 
     # ---- the geometry of one kind of layer (overridden per class) ------------------------------
-    def _lora_branch(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
-        """``s * B(A(x))`` of ``adapter`` for an input already passed through dropout; shaped like the base output."""
+    def _lora_branch(self, x: torch.Tensor, adapter: LoRAAdapter, scaling: float | None = None) -> torch.Tensor:
+        """``s * B(A(x))`` of a LoRA ``adapter`` for an input already passed through dropout, shaped like
+        the base output; ``s`` is ``scaling``, or the adapter's (weight included) when None."""
         raise NotImplementedError
+
+    def _weight_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's operation with ``weight`` (this layer's layout) and no bias: ``x W^T``, the conv."""
+        raise NotImplementedError
+
+    def _channel_view(self, gain: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel ``(out,)`` tensor shaped to broadcast against this layer's output."""
+        return gain
+
+    def _adapter_branch(self, x: torch.Tensor, adapter: AdapterBase, base_out: dict) -> torch.Tensor:
+        """What ``adapter`` adds to the base output for input ``x`` (unmerged), at its current weight.
+
+        LoRA: ``w s B(A(x'))``; LoHa / LoKr: ``x' ∗ (w ΔW)``, with ``x'`` the dropped-out input. DoRA:
+        ``w ((g - 1) (x ∗ W) + g · branch(x'))`` at the trained scaling, ``g = m / ||W + ΔW||`` per output
+        channel (:mod:`convlora.kinds`); ``base_out`` caches ``x ∗ W`` between an input's adapters.
+        """
+        h = adapter.lora_dropout(x).to(adapter.factors()[0].dtype)
+        if adapter.magnitude is None:
+            if adapter.kind.name == "lora":
+                return self._lora_branch(h, adapter)
+            return self._weight_op(h, self._delta_to_weight_layout(adapter.delta() * adapter.weight))
+        delta = adapter.delta()
+        base = self.dense_base_weight().to(delta.dtype)
+        gain = self._channel_view(dora_gain(adapter.magnitude, base + delta.detach()))
+        if adapter.kind.name == "lora":
+            inner = self._lora_branch(h, adapter, adapter.trained_scaling)
+        else:
+            inner = self._weight_op(h, self._delta_to_weight_layout(delta))
+        if "value" not in base_out:
+            base_out["value"] = self._weight_op(x, self._delta_to_weight_layout(base).detach())
+        return adapter.weight * ((gain - 1) * base_out["value"].to(inner.dtype) + gain * inner)
 
     def _fused_forward(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor | None:
         """Base output plus ``adapter``'s branch through :mod:`convlora.fused`, or None where it does not apply."""
@@ -410,15 +377,18 @@ class LoRALayer:
 
     # ---- ΔW, merge, unmerge --------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """``Σ_i w_i s_i B_i A_i`` over the active adapters, in this layer's weight layout, float32
-        (the one place the merged update is computed; zeros when none is active)."""
+        """``Σ_i w_i D_i`` over the active adapters (``D = s B A`` for LoRA; each kind's update, see
+        :mod:`convlora.kinds`), in this layer's weight layout, float32 (the one place the merged update
+        is computed; zeros when none is active)."""
         total = None
-        for adapter in self._active():
-            delta = delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in/g, *k)
+        adapters = self._active()
+        base = self.dense_base_weight().detach().float() if any(a.magnitude is not None for a in adapters) else None
+        for adapter in adapters:
+            delta = adapter.merged_update(base)  # (out, in/g, *k)
             total = delta if total is None else total.add_(delta.to(total.device))
         if total is None:
-            base = frozen_weight(self)
-            return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+            weight = frozen_weight(self)
+            return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         return self._delta_to_weight_layout(total)
 
     def merge(self) -> None:
@@ -522,7 +492,7 @@ class LoRALayer:
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._active()
-        learning = torch.is_grad_enabled() and any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
+        learning = torch.is_grad_enabled() and any(t.requires_grad for a in adapters for t in a.factors())
         if self._merge_is_stale(compare_values=learning):
             # An adapter moved since the merge (e.g. an optimizer step in eval mode): merge them again.
             self.unmerge()
@@ -531,27 +501,28 @@ class LoRALayer:
                 return self._adapted_forward(x)
         result = super().forward(x)  # the merged weight already carries the adapters' update
         if learning:
-            # A merged forward alone gives A and B no gradient, so training in eval mode would
+            # A merged forward alone gives the factors no gradient, so training in eval mode would
             # silently learn nothing. Add a branch whose value is exactly zero and whose gradient
-            # w.r.t. A and B is the unmerged one; x is detached because the input gradient already
+            # w.r.t. the factors is the unmerged one; x is detached because the input gradient already
             # flows through the merged weight.
+            base_out: dict = {}
             for adapter in adapters:
-                if adapter.lora_A.requires_grad or adapter.lora_B.requires_grad:
-                    branch = self._lora_branch(x.detach().to(adapter.lora_A.dtype), adapter)
+                if any(t.requires_grad for t in adapter.factors()):
+                    branch = self._adapter_branch(x.detach(), adapter, base_out)
                     result = result + (branch - branch.detach()).to(result.dtype)
         return result
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the active adapters' branches (the unmerged path); one adapter takes the fused path."""
         adapters = self._active()
-        if len(adapters) == 1:
+        if len(adapters) == 1 and adapters[0].is_plain_lora:
             fast = self._fused_forward(x, adapters[0])
             if fast is not None:
                 return fast
         result = super().forward(x)
+        base_out: dict = {}
         for adapter in adapters:
-            lora = self._lora_branch(adapter.lora_dropout(x).to(adapter.lora_A.dtype), adapter)
-            result = result + lora.to(result.dtype)
+            result = result + self._adapter_branch(x, adapter, base_out).to(result.dtype)
         return result
 
     # ---- state dict: a merged layer still saves its base weight --------------------------------
@@ -608,9 +579,12 @@ class Linear(LoRALayer, nn.Linear):
         n_out, n_in = frozen_weight(base).shape  # (out, in)
         return (r, n_in), (n_out, r)
 
-    def _lora_branch(self, x, adapter):
+    def _lora_branch(self, x, adapter, scaling=None):
         # (..., in) @ (in, r) -> (..., r); (..., r) @ (r, out) -> (..., out)
-        return F.linear(F.linear(x, adapter.lora_A) * adapter.scaling, adapter.lora_B)
+        return F.linear(F.linear(x, adapter.lora_A) * (adapter.scaling if scaling is None else scaling), adapter.lora_B)
+
+    def _weight_op(self, x, weight):
+        return F.linear(x, weight)
 
     def _fused_forward(self, x, adapter):
         return fused.linear_lora_forward(self, x, adapter) if fused.fused_supported(self, x, adapter) else None
@@ -651,12 +625,19 @@ class _ConvLoRA(LoRALayer):
         shape = tuple(frozen_weight(base).shape)  # (C_out, C_in/g, *k)
         return (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
 
-    def _lora_branch(self, x, adapter):
+    def _lora_branch(self, x, adapter, scaling=None):
         lora_A = adapter.lora_A
         if self.groups > 1:
             lora_A = lora_A.repeat(self.groups, *(1,) * (lora_A.dim() - 1))  # (g*r, C_in/g, *k)
         hidden = self._conv_forward(x, lora_A, None)  # (N, g*r, *spatial_out)
-        return _CONV_FN[len(self.kernel_size)](hidden * adapter.scaling, adapter.lora_B, groups=self.groups)
+        scaling = adapter.scaling if scaling is None else scaling
+        return _CONV_FN[len(self.kernel_size)](hidden * scaling, adapter.lora_B, groups=self.groups)
+
+    def _weight_op(self, x, weight):
+        return self._conv_forward(x, weight, None)  # the base conv's stride, padding, dilation, groups
+
+    def _channel_view(self, gain):
+        return gain.view(-1, *(1,) * len(self.kernel_size))  # (C_out, *1s) against (N, C_out, *spatial)
 
     def _fused_forward(self, x, adapter):
         return fused.conv_lora_forward(self, x, adapter) if fused.fused_supported(self, x, adapter) else None
@@ -723,11 +704,22 @@ class GPT2Conv1D(LoRALayer, HFConv1D):
     def base_shape_for(cls, a_shape, b_shape):
         return (int(a_shape[1]), int(b_shape[0]))  # (in, out)
 
-    def _lora_branch(self, x, adapter):
-        return F.linear(F.linear(x, adapter.lora_A) * adapter.scaling, adapter.lora_B)
+    @classmethod
+    def delta_shape_for(cls, base):
+        n_in, n_out = frozen_weight(base).shape  # (in, out)
+        return (n_out, n_in)
+
+    def _lora_branch(self, x, adapter, scaling=None):
+        return F.linear(F.linear(x, adapter.lora_A) * (adapter.scaling if scaling is None else scaling), adapter.lora_B)
+
+    def _weight_op(self, x, weight):
+        return x @ weight  # (..., in) @ (in, out)
 
     def _delta_to_weight_layout(self, delta):
         return delta.t()  # (out, in) -> (in, out)
+
+    def _to_delta_layout(self, weight):
+        return weight.t()  # (in, out) -> (out, in)
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -739,8 +731,8 @@ _LORA_ATTRIBUTES = (
 
 
 class _MergeRecord:
-    """What a merge was made with: per active adapter, A and B (their version counters, storage and
-    values) and the scaling.
+    """What a merge was made with: per active adapter, its factors (A and B for LoRA; each kind's
+    tensors and DoRA's magnitude: their version counters, storage and values) and the scaling.
 
     The version counters move on every in-place write through autograd-visible tensors (optimizer
     steps, ``copy_``, ``load_state_dict``), so checking them costs almost nothing per forward; the
@@ -749,27 +741,27 @@ class _MergeRecord:
 
     __slots__ = ("key", "values")
 
-    def __init__(self, key: tuple, values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, key: tuple, values: list[tuple[torch.Tensor, ...]]) -> None:
         self.key, self.values = key, values
 
     @staticmethod
     def _key(layer: LoRALayer) -> tuple:
         return tuple(
-            (name, a.lora_A._version, a.lora_B._version, a.lora_A.data_ptr(), a.lora_B.data_ptr(),
-             a.lora_A.dtype, a.lora_B.dtype, a.scaling)
+            (name, a.scaling, *((t._version, t.data_ptr(), t.dtype) for t in a.factors()))
             for name, a in zip(layer._active_adapters, layer._active())
         )
 
     @classmethod
     def of(cls, layer: LoRALayer) -> "_MergeRecord":
-        values = [(a.lora_A.detach().clone(), a.lora_B.detach().clone()) for a in layer._active()]
+        values = [tuple(t.detach().clone() for t in a.factors()) for a in layer._active()]
         return cls(cls._key(layer), values)
 
     def matches(self, layer: LoRALayer, compare_values: bool) -> bool:
         if self._key(layer) != self.key:
             return False
         return not compare_values or all(
-            torch.equal(a.lora_A, A) and torch.equal(a.lora_B, B) for a, (A, B) in zip(layer._active(), self.values)
+            all(torch.equal(t, saved) for t, saved in zip(a.factors(), tensors))
+            for a, tensors in zip(layer._active(), self.values)
         )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convlora.config import LoRAConfig
+from convlora.config import LoRAConfig, config_kind
 from convlora.inject import (
     LayerSpec,
     apply_plan,
@@ -43,8 +43,9 @@ from convlora.inject import (
     unchanged_on_error,
 )
 from convlora.layers import CONV_GEOMETRY_KEYS, DEFAULT_ADAPTER, LoRALayer, conv_geometry_record, lora_class_for
+from convlora.kinds import LORA, AdapterKind, expected_shapes
 from convlora.quant import frozen_weight
-from convlora.state import check_state_dict, fingerprint
+from convlora.state import StateDictMismatchError, check_state_dict, fingerprint
 
 __all__ = ["AdapterLoad", "ModuleLoad", "load_adapter"]
 
@@ -60,6 +61,8 @@ class ModuleLoad:
     """The conv geometry the file recorded (any of :data:`convlora.layers.CONV_GEOMETRY_KEYS`), or None."""
     base_shape: tuple[int, ...] | None = None
     """The base weight shape the file recorded, or None."""
+    kind: AdapterKind = LORA
+    """The adapter kind (LoKr's factor options do not matter: its shapes come from the tensors)."""
 
 
 @dataclass
@@ -69,7 +72,8 @@ class AdapterLoad:
     modules: dict[str, ModuleLoad]
     """Model module path -> its rank, alpha, rsLoRA flag and what the file recorded about its base."""
     tensors: dict[str, torch.Tensor]
-    """``<path>.lora_A`` / ``<path>.lora_B`` (convlora's layout) plus, for native files, saved biases /
+    """``<path>.<name>`` for each of the adapter's :attr:`~convlora.kinds.AdapterBase.param_names`
+    (``lora_A`` / ``lora_B`` for LoRA, convlora's layout) plus, for native files, saved biases /
     ``modules_to_save`` under their parameter names."""
     source: str
     config: LoRAConfig | None = None
@@ -162,12 +166,30 @@ def _plain(value: Any) -> Any:
 
 
 def _check_new_shapes(modules: Mapping[str, nn.Module], load: AdapterLoad) -> None:
-    """For a new adapter: the tensors have the shapes a rank-r adapter of each base gets."""
-    expected = {}
+    """For a new adapter: the tensors have the shapes a rank-r adapter of each base and kind gets
+    (:func:`convlora.kinds.expected_shapes`; a LoKr file's own factorisation is checked for fitting)."""
+    expected, problems = {}, []
     for path, entry in load.modules.items():
-        a_shape, b_shape = lora_class_for(modules[path]).lora_shapes_for(modules[path], entry.r)
-        expected[f"{path}.lora_A"], expected[f"{path}.lora_B"] = a_shape, b_shape
+        cls = lora_class_for(modules[path])
+        try:
+            shapes = expected_shapes(entry.kind, cls.delta_shape_for(modules[path]),
+                                     cls.lora_shapes_for(modules[path], entry.r), entry.r, _lokr_shapes(load, path, entry))
+        except ValueError as err:
+            problems.append(f"{path}: {err}")
+            continue
+        expected.update({f"{path}.{name}": shape for name, shape in shapes.items()})
+    if problems:
+        raise StateDictMismatchError(f"{load.source}: " + "; ".join(problems[:12]))
     check_state_dict(expected, load.tensors, strict=False, source=load.source)
+
+
+def _lokr_shapes(load: AdapterLoad, path: str, entry: ModuleLoad) -> dict[str, tuple[int, ...]] | None:
+    """A LoKr module's parameter shapes as the file's tensors give them; None for other kinds."""
+    if entry.kind.name != "lokr":
+        return None
+    prefix = f"{path}."
+    return {k[len(prefix):]: tuple(v.shape) for k, v in load.tensors.items()
+            if k.startswith(prefix) and k[len(prefix):].startswith("lokr_")}
 
 
 def _check_fingerprint(model: nn.Module, name: str, load: AdapterLoad) -> None:
@@ -186,12 +208,15 @@ def _check_fingerprint(model: nn.Module, name: str, load: AdapterLoad) -> None:
 def _inject(model: nn.Module, modules: Mapping[str, nn.Module], load: AdapterLoad, name: str) -> list[str]:
     """Add adapter ``name`` on exactly ``load.modules`` (unmerged); returns the paths whose new layer
     must merge once loaded (their base was in eval mode)."""
-    plan = {p: LayerSpec(m.r, m.alpha, m.use_rslora) for p, m in load.modules.items()}
+    plan = {p: LayerSpec(m.r, m.alpha, m.use_rslora, kind=m.kind, lokr_shapes=_lokr_shapes(load, p, m))
+            for p, m in load.modules.items()}
     config = load.config
     if config is None:
         rank = Counter(m.r for m in load.modules.values()).most_common(1)[0][0]
         rslora = {m.use_rslora for m in load.modules.values()} == {True}
-        config = LoRAConfig(r=rank, target_modules=sorted(plan), use_rslora=rslora)
+        labels = {m.kind.label for m in load.modules.values()}
+        kind = config_kind(labels.pop()) if len(labels) == 1 else {}
+        config = LoRAConfig(r=rank, target_modules=sorted(plan), use_rslora=rslora, **kind)
     in_eval = [p for p in plan if not isinstance(modules[p], LoRALayer) and not modules[p].training]
     for p in in_eval:
         modules[p].training = True  # inject unmerged: merging a zero update now would be wasted work

@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import bitsandbytes.functional as bnbf
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,14 @@ def test_nf4_dequantization_is_bit_equal_to_bitsandbytes(shape):
     holder = QuantizedWeight(weight, "nf4")
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert torch.equal(holder.data, packed)
-    assert torch.equal(holder.dequantize(), bnbf.dequantize_4bit(packed, state))
+    # bitsandbytes' reference dequantization (its default backend). Its native CPU kernel is not the
+    # reference: with AVX-512, bitsandbytes 0.50.2 gives errors up to 1.9 on the (64, 32) case here
+    # (an even last dimension takes that kernel), where NF4's own error is under 0.4.
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    reference = _dequantize_4bit_compute(packed.reshape(-1), absmax, state.code, 64, state.shape, torch.float32)
+    assert torch.equal(holder.dequantize(), reference)
+    # NF4's widest gap between levels is 0.304 (of the block's absmax): no value is off by more than half of it.
+    assert (holder.dequantize() - weight).abs().max().item() <= 0.152 * weight.abs().max().item()
 
 
 def test_int8_and_fp8_error_bounds_per_element():

@@ -32,6 +32,7 @@ from convlora.formats.weights import (
     LoRAFormatError,
     LoRAModule,
     LoRAWeights,
+    check_kinds_for_format,
     check_portable_geometry,
     load_weights_into_model,
     weights_from_model,
@@ -120,6 +121,7 @@ def write_lora_file(
     """
     if ldm_names is not None and fmt != "kohya":
         raise ValueError(f"LDM module names are a kohya spelling; {fmt} files name modules by their diffusers paths")
+    check_kinds_for_format(weights.modules, fmt)
     path = Path(path)
     if fmt == "peft":
         if weights.components():

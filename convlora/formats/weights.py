@@ -2,7 +2,8 @@
 
 An adapter is a mapping ``path -> LoRAModule(lora_A, lora_B, alpha)`` with tensors in convlora's
 own layout (the README's LoRA math section): Linear ``A (r, in)``, ``B (out, r)``; ConvNd ``A (r, C_in/g, *k)``,
-``B (C_out, r, *1s)``. For a whole pipeline the paths start with the component name
+``B (C_out, r, *1s)``. Adapters of other kinds (LoHa, LoKr, DoRA: :mod:`convlora.kinds`) carry their
+tensors by parameter name in ``LoRAModule.factors`` (DoRA's ``magnitude (out,)`` too). For a whole pipeline the paths start with the component name
 (``unet.``, ``text_encoder.``); for a single model they are the model's own module paths.
 
 Getting one adapter's weights *out of* a model (:func:`weights_from_model`) and *into* a model
@@ -22,6 +23,7 @@ from torch import nn
 
 from convlora.errors import LoRAFileError
 from convlora.inject import get_config, lora_layers, resolve_adapter_name
+from convlora.kinds import LORA, AdapterBase, AdapterKind, expected_shapes
 from convlora.layers import conv_geometry_record, lora_class_for
 from convlora.loading import AdapterLoad, ModuleLoad, load_adapter
 
@@ -38,29 +40,61 @@ class LoRAFormatError(LoRAFileError):
 
 @dataclass
 class LoRAModule:
-    """One adapted module: ``W + (alpha / r) * B @ A`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    """One adapted module: ``W + (alpha / r) * B @ A`` (``alpha / sqrt(r)`` with rsLoRA), or another
+    kind's update (``kind``, ``factors``)."""
 
-    lora_A: torch.Tensor
-    """``(r, in)`` for Linear, ``(r, C_in/groups, *k)`` for ConvNd."""
-    lora_B: torch.Tensor
+    lora_A: torch.Tensor | None
+    """``(r, in)`` for Linear, ``(r, C_in/groups, *k)`` for ConvNd (LoRA and DoRA; ``None`` for LoHa / LoKr)."""
+    lora_B: torch.Tensor | None
     """``(out, r)`` for Linear, ``(C_out, r, *1s)`` for ConvNd."""
     alpha: float
     geometry: dict[str, Any] | None = None
     """What of the base conv's ``groups`` / ``dilation`` / ``padding_mode`` the source recorded
     (models and convlora files: all three; PEFT files: ``groups``); ``None`` for Linear or unknown."""
+    kind: AdapterKind = LORA
+    """The adapter kind (:mod:`convlora.kinds`)."""
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The kind's other tensors by parameter name: ``hada_w1_a`` ... for LoHa, ``lokr_w1`` ... for LoKr,
+    ``magnitude (out,)`` with DoRA; empty for plain LoRA."""
+    base_shape: tuple[int, ...] | None = None
+    """The base weight's delta-layout shape ``(out, in/g, *k)`` where the source knows it (LoHa's
+    flattened factors do not tell a conv from a Linear)."""
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> tensor (the adapter's :attr:`~convlora.kinds.AdapterBase.param_names`)."""
+        pair = {"lora_A": self.lora_A, "lora_B": self.lora_B} if self.kind.name == "lora" else {}
+        return {**pair, **self.factors}
+
+    @property
+    def is_plain_lora(self) -> bool:
+        return self.kind.name == "lora" and not self.kind.use_dora
 
     @property
     def r(self) -> int:
-        return int(self.lora_A.shape[0])
+        if self.kind.name == "lora":
+            return int(self.lora_A.shape[0])
+        if self.kind.name == "loha":
+            return int(self.factors["hada_w1_b"].shape[0])
+        factorised = self.factors.get("lokr_w2_a", self.factors.get("lokr_w1_a"))
+        return int(factorised.shape[1]) if factorised is not None else 1
 
     @property
     def is_conv(self) -> bool:
-        return self.lora_A.dim() > 2
+        if self.base_shape is not None:
+            return len(self.base_shape) > 2
+        if self.kind.name == "lora":
+            return self.lora_A.dim() > 2
+        return "lokr_w2" in self.factors and self.factors["lokr_w2"].dim() > 2
 
     @property
     def is_spatial_conv(self) -> bool:
         """A conv whose kernel is larger than 1 (kohya's ``conv_dim`` layers)."""
-        return self.is_conv and any(k > 1 for k in self.lora_A.shape[2:])
+        if self.base_shape is not None:
+            return any(k > 1 for k in self.base_shape[2:])
+        if self.kind.name == "lora":
+            return self.is_conv and any(k > 1 for k in self.lora_A.shape[2:])
+        return self.is_conv and any(k > 1 for k in self.factors["lokr_w2"].shape[2:])
 
 
 @dataclass
@@ -141,12 +175,15 @@ def weights_from_model(model: nn.Module, prefix: str = "", adapter_name: str | N
             "(save it with format='native' / convlora.save_lora)"
         )
     layers = lora_layers(model)
-    return {
-        prefix + path: LoRAModule(
-            a.lora_A.detach().cpu(), a.lora_B.detach().cpu(), float(a.lora_alpha), conv_geometry_record(layers[path])
-        )
-        for path, a in adapters.items()
-    }
+    return {prefix + path: module_from_adapter(layers[path], a) for path, a in adapters.items()}
+
+
+def module_from_adapter(layer: nn.Module, adapter: AdapterBase) -> LoRAModule:
+    """One adapter of a LoRA layer as a :class:`LoRAModule` (tensors detached, on the CPU)."""
+    tensors = {n: t.detach().cpu() for n, t in zip(adapter.param_names, adapter.factors())}
+    lora_A, lora_B = tensors.pop("lora_A", None), tensors.pop("lora_B", None)
+    return LoRAModule(lora_A, lora_B, float(adapter.lora_alpha), conv_geometry_record(layer), kind=adapter.kind,
+                      factors=tensors, base_shape=tuple(layer.delta_shape_for(layer)))
 
 
 def uses_rslora(*models: nn.Module | None, adapter_name: str | None = None) -> bool:
@@ -155,6 +192,37 @@ def uses_rslora(*models: nn.Module | None, adapter_name: str | None = None) -> b
     if len(kinds) > 1:
         raise LoRAFormatError("some LoRA layers use rsLoRA scaling and some do not; one file holds one kind")
     return kinds == {True}
+
+
+#: The adapter kinds (:attr:`convlora.kinds.AdapterKind.label`) each format's files carry; the rule
+#: every writer checks through :func:`check_kinds_for_format`.
+FORMAT_KINDS: dict[str, frozenset[str]] = {
+    "native": frozenset({"lora", "dora", "loha", "lokr", "loha+dora", "lokr+dora"}),
+    "diffusers": frozenset({"lora"}),
+    "kohya": frozenset({"lora"}),
+    "peft": frozenset({"lora"}),
+}
+
+
+def check_kinds_for_format(modules: Mapping[str, LoRAModule], fmt: str) -> None:
+    """Refuse adapter kinds ``fmt``'s files do not carry.
+
+    Raises:
+        LoRAFormatError: naming the kinds, a few of their modules, and the formats that do carry them.
+    """
+    if fmt not in FORMAT_KINDS:
+        return  # an unknown format is the writer's error to name
+    allowed = FORMAT_KINDS[fmt]
+    bad: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        if module.kind.label not in allowed:
+            bad.setdefault(module.kind.label, []).append(path)
+    if bad:
+        detail = "; ".join(
+            f"{label} ({_short(paths, 3)}; carried by {', '.join(f for f, k in FORMAT_KINDS.items() if label in k)})"
+            for label, paths in bad.items()
+        )
+        raise LoRAFormatError(f"{fmt} files do not carry these adapter kinds: {detail}")
 
 
 def conv_geometry_problems(geometries: Mapping[str, dict[str, Any] | None], allow_groups: bool = False) -> list[str]:
@@ -280,12 +348,9 @@ def load_weights_into_model(
             seen.setdefault(target, []).append(p)
         twice = [f"{target} ({' and '.join(ps)})" for target, ps in seen.items() if len(ps) > 1]
         raise LoRAFormatError(f"{source}: several LoRA entries land on the same module: {_short(twice)}")
-    tensors = {}
-    for path, module in by_model_path.items():
-        tensors[f"{path}.lora_A"] = module.lora_A
-        tensors[f"{path}.lora_B"] = module.lora_B
+    tensors = {f"{path}.{name}": t for path, module in by_model_path.items() for name, t in module.tensors.items()}
     load = AdapterLoad(
-        {p: ModuleLoad(m.r, m.alpha, use_rslora, geometry=m.geometry) for p, m in by_model_path.items()},
+        {p: ModuleLoad(m.r, m.alpha, use_rslora, geometry=m.geometry, kind=m.kind) for p, m in by_model_path.items()},
         tensors,
         source,
     )
@@ -293,12 +358,18 @@ def load_weights_into_model(
 
 
 def fits_module(base: nn.Module, module: LoRAModule) -> bool:
-    """Whether ``module``'s A/B have the shapes a LoRA layer on ``base`` would have (the layer class says)."""
+    """Whether ``module``'s tensors have the shapes an adapter of its kind on ``base`` would have (the
+    layer class and :func:`convlora.kinds.expected_shapes` say)."""
     cls = lora_class_for(base)
     if cls is None:
         return False
-    a_shape, b_shape = cls.lora_shapes_for(base, module.r)
-    return tuple(module.lora_A.shape) == tuple(a_shape) and tuple(module.lora_B.shape) == tuple(b_shape)
+    lokr = {n: tuple(t.shape) for n, t in module.factors.items() if n.startswith("lokr_")} if module.kind.name == "lokr" else None
+    try:
+        expected = expected_shapes(module.kind, cls.delta_shape_for(base), cls.lora_shapes_for(base, module.r), module.r, lokr)
+    except ValueError:
+        return False
+    tensors = module.tensors
+    return tensors.keys() == expected.keys() and all(tuple(tensors[n].shape) == tuple(s) for n, s in expected.items())
 
 
 def _short(items: list[str], limit: int = 12) -> str:
