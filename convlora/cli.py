@@ -298,11 +298,14 @@ def _inspect_lora(path: Path) -> int:
     components = weights.components() or [""]
     for component in components:
         modules = weights.component(component) if component else weights.modules
-        params = sum(m.lora_A.numel() + m.lora_B.numel() for m in modules.values())
+        params = sum(t.numel() for m in modules.values() for t in m.tensors.values())
+        kinds = Counter(m.kind.label for m in modules.values())
         ranks = Counter(m.r for m in modules.values())
         alphas = Counter(m.alpha for m in modules.values())
         convs = sum(m.is_spatial_conv for m in modules.values())
-        print(f"{component or 'model'}: {len(modules)} modules ({convs} 3x3 convs), {params:,} LoRA parameters")
+        print(f"{component or 'model'}: {len(modules)} modules ({convs} 3x3 convs), {params:,} adapter parameters")
+        if set(kinds) != {"lora"}:
+            print("  kind:  " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
         print("  rank:  " + ", ".join(f"{r} x{n}" for r, n in ranks.most_common()))
         print("  alpha: " + ", ".join(f"{a:g} x{n}" for a, n in alphas.most_common()) + ("  (rsLoRA)" if weights.use_rslora else ""))
     return 0

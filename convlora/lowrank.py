@@ -21,7 +21,7 @@ SVD routes (measured in ``benchmarks/svd_routes.py``, README "SVD routes"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +211,7 @@ def resize_lora(
     checked_rank(rank, "--rank")
     conv_rank = checked_rank(rank if conv_rank is None else conv_rank, "--conv-rank")
     check_dynamic(method, param)
+    check_plain_lora(weights.modules, "resize")
     modules, report = {}, []
     for path, module in weights.modules.items():
         limit = conv_rank if module.is_spatial_conv else rank
@@ -236,6 +237,8 @@ def merge_loras(inputs: Sequence[tuple[LoRAWeights, float]], sources: Sequence[s
     """
     sources = list(sources or [f"input {i + 1}" for i in range(len(inputs))])
     _check_same_kind(inputs, sources)
+    for (weights, _), source in zip(inputs, sources):
+        check_plain_lora(weights.modules, f"merge-loras ({source})")
     use_rslora = inputs[0][0].use_rslora
     parts: dict[str, list[tuple[LoRAModule, float, str]]] = {}
     for (weights, weight), source in zip(inputs, sources):
@@ -269,6 +272,21 @@ def _merged_module(path: str, contributions: list[tuple[LoRAModule, float, str]]
     rank = lora_a.shape[0]
     alpha = scaling * (math.sqrt(rank) if use_rslora else rank)
     return LoRAModule(lora_a, lora_b, alpha, first.geometry or next((m.geometry for m, _, _ in contributions if m.geometry), None))
+
+
+def check_plain_lora(modules: Mapping[str, LoRAModule], what: str) -> None:
+    """The low-rank tools work on LoRA's ``B @ A``: refuse other adapter kinds (LoHa, LoKr, DoRA).
+
+    Raises:
+        LoRAFormatError: naming the kinds and a few of their modules.
+    """
+    other: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        if not module.is_plain_lora:
+            other.setdefault(module.kind.label, []).append(path)
+    if other:
+        found = "; ".join(f"{label}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for label, paths in other.items())
+        raise LoRAFormatError(f"{what} works on plain LoRA (B @ A); these modules are other adapter kinds: {found}")
 
 
 def _common_dtype(modules: list[LoRAModule]) -> torch.dtype:

@@ -9,7 +9,8 @@ from convlora.inject import lora_layers
 
 
 def randomize_lora_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
-    """Give every adapter of every LoRA layer a random non-zero ``lora_B`` (and fresh ``lora_A``), so ΔW != 0.
+    """Give every adapter of every LoRA layer a random non-zero ``lora_B`` (and fresh ``lora_A``), so ΔW != 0;
+    adapters of other kinds get random factors, and DoRA's magnitude a random factor ``1 + std * N(0, 1)``.
 
     Deterministic for a given seed; merged layers are handled (unmerged, filled, re-merged).
     """
@@ -19,9 +20,12 @@ def randomize_lora_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Mod
         layer.unmerge()
         with torch.no_grad():
             for adapter in layer.lora_adapters.values():
-                for param in (adapter.lora_A, adapter.lora_B):
+                for name, param in zip(adapter.param_names, adapter.factors()):
                     values = torch.randn(param.shape, generator=generator) * std
-                    param.copy_(values.to(param.dtype))
+                    if name == "magnitude":
+                        param.mul_((1 + values).to(param.dtype))
+                    else:
+                        param.copy_(values.to(param.dtype))
         if was_merged:
             layer.merge()
     return model

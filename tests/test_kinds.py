@@ -368,3 +368,29 @@ def test_formats_that_do_not_carry_a_kind_refuse_it_by_name_and_write_nothing(fm
     with pytest.raises(convlora.formats.LoRAFormatError, match=rf"{fmt} files do not carry these adapter kinds: loha \(unet\."):
         save_pipeline_lora(tmp_path / "p.safetensors", unet=unet, format=fmt)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_low_rank_tools_refuse_other_kinds_by_name(tmp_path):
+    from convlora.formats import LoRAFormatError, read_lora_file
+    from convlora.lowrank import merge_loras, resize_lora
+
+    model = _mixed_model()
+    convlora.inject_lora(model, convlora.LoRAConfig(r=4, target_modules=["0", "3"], kind="loha"))
+    _, weights = read_lora_file(convlora.save_lora(model, tmp_path / "a.safetensors"))
+    assert {m.kind.label for m in weights.modules.values()} == {"loha"}
+    with pytest.raises(LoRAFormatError, match=r"resize works on plain LoRA \(B @ A\); these modules are other adapter kinds: loha: 0, 3"):
+        resize_lora(weights, 2)
+    with pytest.raises(LoRAFormatError, match=r"merge-loras \(a\) works on plain LoRA"):
+        merge_loras([(weights, 1.0)], ["a"])
+
+
+def test_randomize_gives_every_factor_values_and_keeps_doras_magnitude_near_its_start():
+    from convlora.testing import randomize_lora_
+
+    _, model, _ = _adapted("conv2d", "lokr-dora")
+    adapter = model[0].adapter()
+    start = adapter.magnitude.detach().clone()
+    randomize_lora_(model, seed=3)
+    assert all(bool((t != 0).any()) for t in adapter.factors())
+    ratio = adapter.magnitude.detach() / start
+    assert 0.5 < ratio.min().item() and ratio.max().item() < 1.5 and not torch.equal(ratio, torch.ones_like(ratio))
