@@ -364,7 +364,7 @@ class LoRALayer:
         else:
             inner = self._weight_op(h, self._delta_to_weight_layout(delta))
         if "value" not in base_out:
-            base_out["value"] = self._weight_op(x, self._delta_to_weight_layout(base).detach())
+            base_out["value"] = self._weight_op(x.to(base.dtype), self._delta_to_weight_layout(base).detach())
         return adapter.weight * ((gain - 1) * base_out["value"].to(inner.dtype) + gain * inner)
 
     def _fused_forward(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor | None:

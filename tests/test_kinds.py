@@ -394,3 +394,49 @@ def test_randomize_gives_every_factor_values_and_keeps_doras_magnitude_near_its_
     assert all(bool((t != 0).any()) for t in adapter.factors())
     ratio = adapter.magnitude.detach() / start
     assert 0.5 < ratio.min().item() and ratio.max().item() < 1.5 and not torch.equal(ratio, torch.ones_like(ratio))
+
+
+@pytest.mark.parametrize("kind_name", KINDS)
+def test_fp32_adapters_of_every_kind_on_a_bf16_base_run_and_merge(kind_name):
+    base, model, x = _adapted("conv2d", kind_name)
+    expected = _run(base, _delta_layout(base) + _expected_update(model[0].adapter(), _delta_layout(base)), x).detach()
+    model.to(torch.bfloat16)
+    convlora.cast_lora_params(model, torch.float32)
+    with torch.no_grad():
+        unmerged = model(x.to(torch.bfloat16))
+        model.eval()
+        merged = model(x.to(torch.bfloat16))
+    assert unmerged.dtype == merged.dtype == torch.bfloat16
+    assert _rel(unmerged.float(), expected) < 2e-2 and _rel(merged.float(), expected) < 2e-2
+
+
+@pytest.mark.parametrize("order", ["quantize-then-inject", "inject-then-quantize"])
+@pytest.mark.parametrize("kind_name", ["loha", "lokr", "dora", "loha-dora"])
+def test_every_kind_on_an_nf4_base_is_the_kind_on_the_dequantized_base(kind_name, order):
+    from convlora.quant import dequantize_base, quantize_base
+    from convlora.testing import randomize_lora_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.Flatten(), nn.Linear(24 * 25, 32))
+    config = convlora.LoRAConfig(r=4, alpha=2.0, target_modules=["0", "2"], **KINDS[kind_name])
+    if order == "quantize-then-inject":
+        model.requires_grad_(False)
+        quantize_base(model, "nf4")
+        convlora.inject_lora(model, config)
+    else:
+        convlora.inject_lora(model, config)
+        convlora.mark_only_lora_as_trainable(model)
+        quantize_base(model, "nf4")
+    randomize_lora_(model, seed=1)
+    x = torch.randn(2, 16, 5, 5)
+    reference = copy.deepcopy(model)
+    dequantize_base(reference)
+    convlora.mark_only_lora_as_trainable(model)
+    out = model(x)
+    out.square().sum().backward()
+    with torch.no_grad():
+        assert _rel(out, reference(x)) < 1e-5
+    convlora.mark_only_lora_as_trainable(reference)
+    reference(x).square().sum().backward()
+    for (name, p), q in zip(convlora.adapter_parameters(model).items(), convlora.adapter_parameters(reference).values()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-4 * q.grad.abs().max().item(), name
