@@ -9,6 +9,10 @@ flag and ``weight``. The adapted weight is ``W + Σ_i w_i s_i ΔW_i`` over the *
 ``lora_A`` / ``lora_B`` / ``r`` / ``lora_alpha`` / ``use_rslora`` / ``scaling`` answer for its single
 active adapter (a named error when several are active).
 
+Adapters of other kinds (LoHa, LoKr, and DoRA on any kind: :mod:`convlora.kinds`) sit in the same
+dict; each contributes ``w_i D_i``, its own update in the base weight's layout, so the sum, the
+merge and the bit-exact unmerge below are the same for every kind.
+
 Shapes (the README's LoRA math section; :meth:`LoRALayer.lora_shapes_for` is the one place they are computed):
     Linear ``W (out, in)``:              ``lora_A (r, in)``,             ``lora_B (out, r)``
     ConvNd ``W (C_out, C_in/g, *k)``:    ``lora_A (r, C_in/g, *k)``,     ``lora_B (C_out, r, *1s)``
@@ -73,7 +77,8 @@ class LoRALayer:
     """Behaviour shared by every LoRA layer; mixed in before the torch class it adapts.
 
     Attributes:
-        lora_adapters: ``nn.ModuleDict`` name -> :class:`LoRAAdapter`, in the order they were added.
+        lora_adapters: ``nn.ModuleDict`` name -> adapter (:class:`convlora.kinds.AdapterBase`: LoRA, LoHa,
+            LoKr, with or without DoRA), in the order they were added.
         active_adapters: the names whose ``w * s * B A`` the layer adds (set with :meth:`set_active_adapters`).
         merge_weights: whether ``eval()`` merges and ``train()`` unmerges.
         merged: whether ``Σ w_i s_i ΔW_i`` of the active adapters is currently inside ``weight``.
