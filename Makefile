@@ -29,18 +29,24 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py
 
+# The tests run TEST_WORKERS at a time (pytest-xdist worker processes); `make test TEST_WORKERS=0`
+# runs them in this one process. Tests marked xdist_group("name") run on one worker, one after
+# another (they share a module fixture). Each test still uses one torch thread per process.
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not fuzz"
+	$(PYTEST) -m "not slow and not fuzz"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # The property-based suite at full length (the fast suite runs each property on a few dozen examples).
 test-fuzz: $(STAMP)
-	$(PY) -m pytest -q -m fuzz
+	$(PYTEST) -m fuzz
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # Re-resolve requirements.lock: the newest versions inside pyproject.toml's ranges, for every platform.
 lock: $(STAMP)

@@ -25,9 +25,13 @@ COMMON = dict(max_train_steps=4, learning_rate=5e-5, lr_scheduler="cosine", lr_w
 WEIGHT_TOLERANCE = 1e-5
 
 
+# The tests that use it run on one pytest-xdist worker, so that it is trained once.
+SHARES_REFERENCE = pytest.mark.xdist_group("distributed-reference")
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_base, toy_data, tmp_path_factory) -> Path:
-    """One process at batch 2: what every 2-process run at batch 1 must equal."""
+    """One process at batch 2: what every 2-process run at batch 1 must equal (tests using it: SHARES_REFERENCE)."""
     out = tmp_path_factory.mktemp("reference") / "one"
     check_ok(launch(script_args(tiny_base, toy_data, out, train_batch_size=2, **COMMON)))
     return out
@@ -97,6 +101,7 @@ def test_two_process_ddp_with_prior_preservation_equals_one_process_double_batch
 # ---- FSDP2 ---------------------------------------------------------------------------------------
 
 
+@SHARES_REFERENCE
 def test_fsdp2_two_processes_equal_one_process_and_resume_exactly(tiny_base, toy_data, tmp_path, reference):
     config = _fsdp_cpu_config(tmp_path)
     straight, resumed = tmp_path / "fsdp", tmp_path / "fsdp-resumed"
@@ -159,6 +164,7 @@ def _two_machines(tiny_base, toy_data, out: Path, log_dir: Path, **overrides) ->
     return outputs
 
 
+@SHARES_REFERENCE
 def test_two_machines_equal_one_process_rotate_and_resume(tiny_base, toy_data, tmp_path, reference):
     straight, resumed = tmp_path / "two-machines", tmp_path / "two-machines-resumed"
     rotation = dict(checkpointing_steps=1, checkpoints_total_limit=2)

@@ -12,25 +12,10 @@ import re
 
 import pytest
 import torch
-from train_script_helpers import script_args
+from train_script_helpers import command_line_error, script_args
 
 from convlora.training.checkpoints import save_checkpoint, write_state
 from convlora.training.data import write_toy_dataset
-
-
-def _fails(script, capsys, argv, code=1) -> str:
-    """Run the script's command line; return its one error line (no traceback)."""
-    try:
-        rc = script.command_line(argv)
-    except SystemExit as exit_:  # argparse
-        rc = exit_.code
-    err = capsys.readouterr().err
-    assert rc == code, err[-2000:]
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
-    assert len(errors) == 1, err[-2000:]
-    return errors[0]
-
 
 # ---- arguments: refused at the start, one line, exit 2 ------------------------------------------
 
@@ -50,13 +35,13 @@ def _fails(script, capsys, argv, code=1) -> str:
     ],
 )
 def test_argument_out_of_range_is_one_line_exit_2(script, capsys, tiny_base, toy_data, tmp_path, flag, value, message):
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", **{flag: value}), code=2)
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", **{flag: value}), code=2)
     assert re.search(rf": error: {message} \(see --help\)$", line), line
     assert not (tmp_path / "out").exists()  # refused before anything was created
 
 
 def test_conv_settings_on_a_preset_without_convs_are_refused(script, capsys, tiny_base, toy_data, tmp_path):
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", unet_preset="attn", conv_rank=2), code=2)
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", unet_preset="attn", conv_rank=2), code=2)
     assert "--unet_preset attn: conv_rank / conv_alpha apply to 3x3 convs" in line
 
 
@@ -65,18 +50,18 @@ def test_conv_settings_on_a_preset_without_convs_are_refused(script, capsys, tin
 
 def test_output_dir_that_is_a_file(script, capsys, tiny_base, toy_data, tmp_path):
     (tmp_path / "out").write_text("my notes")
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out"))
     assert line == f"error: --output_dir {tmp_path / 'out'} is an existing file, not a folder"
     assert (tmp_path / "out").read_text() == "my notes"
 
 
 def test_output_dir_on_a_read_only_disk(script, capsys, tiny_base, toy_data, read_only_filesystem):
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, read_only_filesystem / "run"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, read_only_filesystem / "run"))
     assert line == f"error: --output_dir {read_only_filesystem / 'run'} cannot be created or written: Read-only file system"
 
 
 def test_output_dir_on_a_full_disk(script, capsys, tiny_base, toy_data, full_filesystem):
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, full_filesystem))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, full_filesystem))
     assert line == f"error: --output_dir {full_filesystem} cannot be written: No space left on device"
     assert [p.name for p in full_filesystem.iterdir()] == ["filler"]  # the probe is gone
 
@@ -87,7 +72,7 @@ def test_leftovers_of_killed_saves_are_removed_at_the_start(script, capsys, tiny
     (out / ".checkpoint-6.tmp-k3j4h5g6" / "unet_lora.safetensors").write_bytes(b"0" * 4096)
     (out / ".lora_convlora.safetensors.ab12cd34.tmp").write_bytes(b"0" * 4096)
     (out / "keep.txt").write_text("mine")
-    _fails(script, capsys, script_args(tiny_base, toy_data, out, resolution=36))  # stops after the clean-up
+    command_line_error(script, capsys, script_args(tiny_base, toy_data, out, resolution=36))  # stops after the clean-up
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -96,7 +81,7 @@ def test_leftovers_of_killed_saves_are_removed_at_the_start(script, capsys, tiny
 
 def test_resolution_the_vae_and_unet_cannot_divide(script, capsys, tiny_base, toy_data, tmp_path):
     # the tiny base: VAE with 3 blocks (4x), UNet with 2 down blocks (2x more) -> multiples of 8
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", resolution=30))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", resolution=30))
     assert line == "error: --resolution 30 is not a multiple of 8 (the VAE downsamples 4x and the UNet 2x more); use 24 or 32"
 
 
@@ -108,14 +93,14 @@ def test_caption_file_with_invalid_utf8(script, capsys, tiny_base, tmp_path):
     (data / "metadata.jsonl").unlink()
     (data / "0000.txt").write_bytes(b"a caf\xe9")
     (data / "0001.txt").write_text("a cat")
-    line = _fails(script, capsys, script_args(tiny_base, data, tmp_path / "out"))
+    line = command_line_error(script, capsys, script_args(tiny_base, data, tmp_path / "out"))
     assert line == f"error: caption file {data / '0000.txt'} is not valid UTF-8 (byte 5: b'\\xe9'); save it as UTF-8"
 
 
 def test_metadata_file_name_that_is_a_number(script, capsys, tiny_base, tmp_path):
     data = write_toy_dataset(tmp_path / "data", n=2, size=32)
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": 5, "text": "x"}) + "\n")
-    line = _fails(script, capsys, script_args(tiny_base, data, tmp_path / "out"))
+    line = command_line_error(script, capsys, script_args(tiny_base, data, tmp_path / "out"))
     assert line == f"error: {data / 'metadata.jsonl'}:1: file_name must be a non-empty path relative to the folder, got 5"
 
 
@@ -140,18 +125,18 @@ def test_checkpoint_missing_a_file(script, capsys, tiny_base, toy_data, tmp_path
     out = tmp_path / "out"
     path = _checkpoint(script, out, ["--rank", "4"])
     (path / missing).unlink()
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, out, rank=4, resume_from_checkpoint="latest"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, rank=4, resume_from_checkpoint="latest"))
     assert line == f"error: checkpoint {path} is missing {missing}; resume from another checkpoint"
 
 
 def test_resuming_with_another_alpha_names_both_values(script, capsys, tiny_base, toy_data, tmp_path):
     out = tmp_path / "out"
     path = _checkpoint(script, out, ["--rank", "4", "--lora_alpha", "4"])
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, out, rank=4, lora_alpha=16, resume_from_checkpoint="latest"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, rank=4, lora_alpha=16, resume_from_checkpoint="latest"))
     assert line.startswith(f"error: {path} was made with other settings: --lora_alpha 4.0 (checkpoint) vs 16.0 (this run); "
                            "--conv_alpha 4.0 (checkpoint) vs 16.0 (this run). Resume with the checkpoint's values")
     # an omitted --lora_alpha means alpha = rank = 4: the same settings, so this one is not refused for them
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, out, rank=4, max_train_steps=1, resume_from_checkpoint="latest"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, rank=4, max_train_steps=1, resume_from_checkpoint="latest"))
     assert line == f"error: {path} is at step 2, past --max_train_steps 1"
 
 
@@ -172,5 +157,5 @@ def test_base_precision_against_the_compute_dtype():
 def test_quantized_base_under_fsdp2_is_refused(script, capsys, tiny_base, toy_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    line = _fails(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", base_precision="nf4"))
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, tmp_path / "out", base_precision="nf4"))
     assert line.endswith("--base_precision nf4 with FSDP2: a quantized base is not sharded; use DDP (MULTI_CPU / MULTI_GPU)")

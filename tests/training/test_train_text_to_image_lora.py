@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_script_helpers import REPO, SCRIPT, check_ok, launch, load_pipeline, script_args, summary, unet_out
+from train_script_helpers import (REPO, SCRIPT, check_ok, command_line_error, launch, load_pipeline, script_args, summary,
+                                  unet_out)
 
 from convlora import load_lora, read_safetensors
 from convlora.state import check_finite
@@ -222,7 +223,8 @@ def test_resume_mid_way_through_a_later_epoch_is_exact(tiny_base, tmp_path):
     assert [k for k, t in state.items() if t.dtype == torch.uint8] == []  # plain AdamW: 32-bit state
 
 
-def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_the_prior_settings(tiny_base, tmp_path):
+def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_the_prior_settings(script, capsys, tiny_base,
+                                                                                                  tmp_path):
     # 8 instance images in a "2_" folder (16 per epoch) + 3 regularisation images repeated 2x; batch 2 -> 8 steps
     # per epoch, checkpoint-10 is in epoch 1. The prior settings are in the checkpoint and the files.
     # AdamW8bit (bitsandbytes, on the CPU) at rank 16: the LoRA tensors of >= 4096 elements (the 3x3
@@ -255,19 +257,19 @@ def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_th
     assert json.loads(header["ss_dataset_dirs"]) == {"2_sks ball": {"n_repeats": 2, "img_count": 8}}
     assert json.loads(header["ss_reg_dataset_dirs"]) == {"2_a photo of a coat": {"n_repeats": 2, "img_count": 3}}
     assert header["ss_num_train_images"] == "16" and header["ss_prior_loss_weight"] == "0.5"
+    # other prior settings on resume: refused (in this process; test_resume_path_that_does_not_exist_is_an_error
+    # and test_argument_and_output_dir_errors_in_a_real_process refuse in a real process)
     for change, named in ((dict(prior_loss_weight=1.0), "--prior_loss_weight 0.5 (checkpoint) vs 1.0 (this run)"),
                           (dict(with_prior_preservation=False, reg_data_dir=None), "--with_prior_preservation True (checkpoint) vs None")):
-        result = subprocess.run([sys.executable, str(SCRIPT), *script_args(tiny_base, instances.parent, resumed, **{
-            **common, **change, "resume_from_checkpoint": "checkpoint-10"})], capture_output=True, text=True, cwd=REPO, timeout=600)
-        assert result.returncode == 1 and named in result.stderr, result.stderr[-2000:]
+        line = command_line_error(script, capsys, script_args(tiny_base, instances.parent, resumed, **{
+            **common, **change, "resume_from_checkpoint": "checkpoint-10"}), 1)
+        assert named in line, line
 
 
 def test_resume_path_that_does_not_exist_is_an_error(tiny_base, toy_data, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *script_args(tiny_base, toy_data, tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-5"))],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-    )
-    assert result.returncode == 1 and "no such checkpoint folder" in result.stderr
+    line = _error_line(_run_plain(script_args(tiny_base, toy_data, tmp_path / "out", resume_from_checkpoint=tmp_path / "checkpoint-5")), 1)
+    assert line == (f"error: --resume_from_checkpoint {str(tmp_path / 'checkpoint-5')!r}: no such checkpoint folder. "
+                    "Use 'latest' to continue from the newest checkpoint if there is one.")
     assert not (tmp_path / "out" / "train_summary.json").exists()
 
 
@@ -344,7 +346,7 @@ def test_argument_and_output_dir_errors_in_a_real_process(tiny_base, toy_data, t
     assert line == f"error: --output_dir {tmp_path / 'file'} is an existing file, not a folder"
 
 
-def test_resume_refusals_and_clean_up_of_killed_saves(tiny_base, toy_data, tmp_path):
+def test_resume_refusals_and_clean_up_of_killed_saves(script, capsys, tiny_base, toy_data, tmp_path):
     out = tmp_path / "run"
     leftovers = [out / ".checkpoint-2.tmp-a1b2c3d4", out / ".lora_convlora.safetensors.a1b2c3d4.tmp"]
     leftovers[0].mkdir(parents=True)
@@ -355,20 +357,21 @@ def test_resume_refusals_and_clean_up_of_killed_saves(tiny_base, toy_data, tmp_p
     assert not any(path.exists() for path in leftovers)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "lora_convlora.safetensors", "train_summary.json"]
 
+    # the refusals run in this process (test_resume_path_that_does_not_exist_is_an_error refuses a resume in a real one)
     # another alpha: refused before any model is loaded, naming both values
     resume = dict(common, max_train_steps=6, resume_from_checkpoint="checkpoint-2")
-    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16))), 1)
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16)), 1)
     assert line.startswith(f"error: {out / 'checkpoint-2'} was made with other settings: --lora_alpha 4.0 (checkpoint) vs 16.0 (this run)")
     # a checkpoint without the settings record: the modules' own ranks and alphas are compared
     marker = json.loads((out / "checkpoint-2" / "checkpoint.json").read_text())
     del marker["settings"]
     (out / "checkpoint-2" / "checkpoint.json").write_text(json.dumps(marker))
-    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16))), 1)
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, **dict(resume, lora_alpha=16)), 1)
     assert "unet_lora.safetensors was made with other LoRA settings" in line and "alpha 4.0 in the checkpoint" in line
     assert "alpha 16.0 in this run" in line
     # a pruned checkpoint
     (out / "checkpoint-2" / "optimizer.safetensors").unlink()
-    line = _error_line(_run_plain(script_args(tiny_base, toy_data, out, **resume)), 1)
+    line = command_line_error(script, capsys, script_args(tiny_base, toy_data, out, **resume), 1)
     assert line == f"error: checkpoint {out / 'checkpoint-2'} is missing optimizer.safetensors; resume from another checkpoint"
     # nothing was changed by the refusals
     assert read_state(out / "checkpoint-4", "progress")["global_step"] == 4 and summary(out)["global_step"] == 4

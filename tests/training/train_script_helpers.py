@@ -53,6 +53,8 @@ def launch(args: list[str], num_processes: int = 1, config: Path = CONFIG, fault
     ``faults`` runs it through ``run_with_faults.py``, which patches one library function
     (see that file) before executing the unchanged script. ``launcher_args`` replace the
     process-count flags (e.g. the multi-machine ones); ``num_processes`` is then ignored.
+    Unless ``launcher_args`` name one, each launch gets its own free ``--main_process_port``:
+    accelerate's default (29500) would collide between tests running at the same time.
     """
     cmd = [str(ACCELERATE), "launch", "--config_file", str(config)]
     if launcher_args is not None:
@@ -61,6 +63,8 @@ def launch(args: list[str], num_processes: int = 1, config: Path = CONFIG, fault
         cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         cmd += ["--num_processes", "1"]
+    if "--main_process_port" not in cmd:
+        cmd += ["--main_process_port", str(free_port())]
     if faults:
         cmd += [str(FAULTS), json.dumps(faults), str(SCRIPT)]
     else:
@@ -80,6 +84,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def command_line_error(script, capsys, argv: list[str], code: int = 1) -> str:
+    """Run the script's command line in this process (``script``: the imported script module, ``capsys``:
+    pytest's fixture); assert exit code ``code`` and no traceback; return its one error line."""
+    try:
+        rc = script.command_line([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == code, err[-2000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1, err[-2000:]
+    return errors[0]
 
 
 def summary(out: Path) -> dict:
