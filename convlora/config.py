@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from convlora.kinds import AdapterKind
+from convlora.kinds import AdapterKind, kind_from_label
 from convlora.state import checked_alpha, checked_rank
 
 INIT_CHOICES = ("kaiming", "gaussian")
@@ -211,8 +211,10 @@ class LoRAConfig:
 def config_kind(label: str) -> dict[str, Any]:
     """The :class:`LoRAConfig` kind fields for an adapter kind label (``"lora"``, ``"dora"``, ``"loha"``,
     ``"lokr"``, ``"loha+dora"``, ``"lokr+dora"``; :attr:`convlora.kinds.AdapterKind.label`)."""
-    name, _, extra = label.partition("+")
-    return {"kind": name, "weight_decompose": True} if extra == "dora" else {"kind": name}
+    kind = kind_from_label(label)  # the one parser of labels
+    if kind.name == "lora":
+        return {"kind": "dora" if kind.use_dora else "lora"}
+    return {"kind": kind.name, "weight_decompose": True} if kind.use_dora else {"kind": kind.name}
 
 
 def _check(name: str, check, value: Any) -> None:

@@ -440,3 +440,12 @@ def test_every_kind_on_an_nf4_base_is_the_kind_on_the_dequantized_base(kind_name
     reference(x).square().sum().backward()
     for (name, p), q in zip(convlora.adapter_parameters(model).items(), convlora.adapter_parameters(reference).values()):
         assert (p.grad - q.grad).abs().max().item() <= 1e-4 * q.grad.abs().max().item(), name
+
+
+@pytest.mark.parametrize("kind_name", KINDS)
+def test_a_kind_label_gives_back_the_config_fields_it_came_from(kind_name):
+    from convlora.config import config_kind
+
+    config = convlora.LoRAConfig(target_modules=["x"], **{k: v for k, v in KINDS[kind_name].items() if k in ("kind", "weight_decompose")})
+    again = convlora.LoRAConfig(target_modules=["x"], **config_kind(config.adapter_kind().label))
+    assert again.adapter_kind() == config.adapter_kind()
