@@ -193,8 +193,8 @@ def quantize_base(
 
     Raises:
         QuantizationError: unknown mode, a target that is not a Linear/ConvNd, a weight that is not
-            floating point or requires grad (a frozen base only), or missing bitsandbytes; the
-            model is unchanged.
+            floating point, requires grad (a frozen base only) or holds NaN / inf, or missing
+            bitsandbytes; the model is unchanged.
     """
     if mode not in QUANT_MODES:
         raise QuantizationError(f"unknown base precision {mode!r}: choose one of {', '.join(QUANT_MODES)}")
@@ -240,6 +240,12 @@ def _chosen_modules(model: nn.Module, targets: Iterable[str] | None) -> dict[str
             raise QuantizationError(
                 f"cannot quantize {path!r}: its weight requires grad; only a frozen base is quantized "
                 "(freeze it first, e.g. with mark_only_lora_as_trainable)"
+            )
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise QuantizationError(
+                f"cannot quantize {path!r}: its weight holds {bad} non-finite value(s) (NaN or inf); "
+                "a block scale taken over them would spoil the whole block"
             )
     return chosen
 

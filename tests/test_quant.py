@@ -128,6 +128,21 @@ def test_bad_requests_are_named_and_change_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8", "bf16"])
+def test_non_finite_weights_are_refused_and_change_nothing(mode):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 3)).requires_grad_(False)
+    with torch.no_grad():
+        model[1].weight[0, 0, 1, 1] = float("nan")
+        model[1].weight[1, 0, 0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"cannot quantize '1': its weight holds 2 non-finite value\(s\) \(NaN or inf\)"):
+        quantize_base(model, mode)
+    assert not any(is_quantized(m) for m in model.modules())
+    assert set(model.state_dict()) == set(before)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+
+
 def test_quantized_unet_runs_close_to_full_precision():
     from diffusers import UNet2DConditionModel
 
