@@ -135,28 +135,46 @@ def lokr_peft_ranks(modules: Mapping[str, LoRAModule], base_shapes: Mapping[str,
                     ) -> tuple[int, bool, dict[str, int]]:
     """``(decompose_factor, decompose_both, {path: r})`` under which PEFT builds exactly these LoKr modules.
 
-    A factorised module's ``r`` is its rank; an unfactorised one gets ``r = max(a, b, c, d)`` (PEFT then
-    factorises neither side). Tries ``decompose_factor = -1`` first, then every factor size the modules use.
+    A factorised module's ``r`` is its rank; the unfactorised ones share one ``r`` large enough that PEFT
+    factorises neither side (the factorised modules' most common rank where that is large enough). Tries
+    ``decompose_factor = -1`` first, then every factor size the modules use.
 
     Raises:
         LoRAFormatError: no single ``decompose_factor`` / ``decompose_both`` fits every module (named).
     """
     shapes = {p: {n: tuple(t.shape) for n, t in m.factors.items() if n in LOKR_NAMES} for p, m in modules.items()}
-    ranks = {p: _peft_rank(shapes[p], base_shapes[p]) for p in modules}
     sizes = set()
     for path, table in shapes.items():
         a, c = _w1_shape(table)
         sizes |= {a, c, base_shapes[path][0] // a, base_shapes[path][1] // c}
     for factor in (-1, *sorted(sizes)):
         for decompose_both in (False, True):
+            ranks = _peft_ranks(shapes, base_shapes, decompose_both)
             if all(peft_lokr_shapes(base_shapes[p], ranks[p], factor, decompose_both) == shapes[p] for p in modules):
                 return factor, decompose_both, ranks
+    ranks = _peft_ranks(shapes, base_shapes, False)
     off = sorted(p for p in modules if peft_lokr_shapes(base_shapes[p], ranks[p], -1, False) != shapes[p])
     raise LoRAFormatError(
-        "PEFT builds every LoKr module's shapes from one decompose_factor and decompose_both, and no choice gives "
-        f"these modules' shapes: {', '.join((off or sorted(modules))[:6])}. Save them with format='native' "
-        "(convlora.save_lora) instead."
+        "cannot export to PEFT: it builds every LoKr module's shapes from one decompose_factor and decompose_both, "
+        f"and no choice gives these modules' shapes: {', '.join((off or sorted(modules))[:6])}. Save them with "
+        "format='native' (convlora.save_lora) instead."
     )
+
+
+def _peft_ranks(shapes: Mapping[str, Mapping[str, tuple[int, ...]]], base_shapes: Mapping[str, Sequence[int]],
+                decompose_both: bool) -> dict[str, int]:
+    """Each module's PEFT ``r``: its rank if factorised, else one shared ``r >= max(b, d) / 2`` (and ``>= max(a,
+    c) / 2`` with ``decompose_both``), for which PEFT keeps both sides full."""
+    ranks = {p: lokr_rank_of(base_shapes[p], table) for p, table in shapes.items()}
+    needed = 1
+    for path, table in shapes.items():
+        if ranks[path] is None:
+            a, c = _w1_shape(table)
+            b, d = table["lokr_w2"][:2]
+            needed = max(needed, math.ceil(max(b, d) / 2), math.ceil(max(a, c) / 2) if decompose_both else 1)
+    fixed = Counter(r for r in ranks.values() if r is not None).most_common(1)
+    shared = fixed[0][0] if fixed and fixed[0][0] >= needed else needed
+    return {p: shared if r is None else r for p, r in ranks.items()}
 
 
 def _w1_shape(table: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
@@ -181,15 +199,6 @@ def lokr_base_shape(module: LoRAModule, path: str) -> tuple[int, ...]:
     a, c = _w1_shape(table)
     b, d, *kernel = table["lokr_w2"]
     return (a * b, c * d, *kernel)
-
-
-def _peft_rank(shapes: Mapping[str, tuple[int, ...]], base_shape: Sequence[int]) -> int:
-    rank = lokr_rank_of(base_shape, shapes)
-    if rank is not None:
-        return rank
-    a, c = shapes["lokr_w1"]
-    b, d = shapes["lokr_w2"][:2]
-    return max(a, b, c, d)
 
 
 def lycoris_config(modules: Mapping[str, LoRAModule], ranks: Mapping[str, int]) -> dict[str, Any]:
