@@ -283,3 +283,36 @@ def test_peft_lokr_conv1d_with_a_full_w2_is_refused_on_read(tmp_path):
                                               r"computes kron\(lokr_w1, lokr_w2\) for it differently from LyCORIS"):
         load_peft_adapter(base, tmp_path / "peft")
     assert not convlora.lora_layers(base)
+
+
+@pytest.mark.parametrize("config", [{"kind": "dora"}, {"kind": "loha"}, {"kind": "lokr", "r": 1}], ids=lambda c: c["kind"])
+def test_conv1d_kinds_run_the_same_in_peft(config, tmp_path):
+    """Conv1d (k = 3): DoRA, LoHa and a LoKr whose lokr_w2 is factorised (PEFT reshapes that product exactly)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 12, 1)).eval()
+    ours = copy.deepcopy(base)
+    convlora.inject_lora(ours, convlora.LoRAConfig(**{"r": 2, "alpha": 3, **config}, target_modules=["0", "2"]))
+    randomize_lora_(ours, seed=1, std=0.3)
+    x = torch.randn(2, 8, 10, generator=torch.Generator().manual_seed(5))
+    expected = _out(ours.eval(), x)
+    assert relative_error(expected, _out(base, x)) > 1e-2
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), save_peft_adapter(ours, tmp_path / "peft")).eval()
+    assert relative_error(_out(theirs, x), expected) < TOL
+
+
+def test_gpt2_conv1d_dora_runs_the_same_in_peft(tmp_path):
+    """GPT-2's Conv1D keeps its weight (in, out); PEFT's DoRA transposes it (fan_in_fan_out) before the row norms."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=32, n_head=4, n_layer=2, n_positions=64)).eval()
+    ours = copy.deepcopy(base)
+    convlora.inject_lora(ours, convlora.LoRAConfig(r=2, alpha=3, kind="dora", target_modules=["c_attn"]))
+    randomize_lora_(ours, seed=1, std=0.3)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours.eval()(ids).last_hidden_state
+        assert relative_error(expected, base(ids).last_hidden_state) > 1e-2
+        folder = save_peft_adapter(ours, tmp_path / "peft")
+        assert json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        assert relative_error(theirs(ids).last_hidden_state, expected) < TOL
