@@ -186,9 +186,11 @@ def _attach_magnitudes(modules: dict[str, LoRAModule], groups, configs: Mapping[
         if not with_magnitude and not said:
             continue
         if len(with_magnitude) != len(paths) or said is False:
+            shown = ", ".join(f"{p}.{MAGNITUDE}" for p in sorted(with_magnitude)[:3])
             raise LoRAFormatError(
                 f"{source}: {component or 'the model'} has a {MAGNITUDE} on {len(with_magnitude)} of {len(paths)} "
-                f"modules{' and use_dora false in its header' if said is False else ''}; DoRA is one flag per component"
+                f"modules{f' ({shown})' if shown else ''}{' and use_dora false in its header' if said is False else ''}; "
+                "DoRA is one flag per component"
             )
         for path in paths:
             key = f"{path}.{MAGNITUDE}"

@@ -127,6 +127,10 @@ def test_convlora_kinds_saved_for_peft_run_the_same_in_peft(case, tmp_path):
     folder = save_peft_adapter(ours, tmp_path / "peft")
     tensors, header = read_safetensors(folder / "adapter_model.safetensors")
     assert {k: tuple(t.shape) for k, t in tensors.items()} == keys
+    shapes = {p: list(layer.delta_shape_for(layer)) for p, layer in convlora.lora_layers(ours).items()}
+    lycoris = config["kind"] in ("loha", "lokr")  # their flattened factors do not tell a kernel from channels
+    assert set(header) == ({"format", "convlora_base_shapes"} if lycoris else {"format"})
+    assert not lycoris or json.loads(header["convlora_base_shapes"]) == shapes
     written = json.loads((folder / "adapter_config.json").read_text())
     assert {k: written[k] for k in fields} == fields and sorted(written["target_modules"]) == sorted(TARGETS)
 
