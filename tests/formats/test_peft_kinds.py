@@ -320,3 +320,23 @@ def test_gpt2_conv1d_dora_runs_the_same_in_peft(tmp_path):
         assert json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"] is True
         theirs = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
         assert relative_error(theirs(ids).last_hidden_state, expected) < TOL
+
+
+@pytest.mark.parametrize("config", [{"kind": "loha"}, {"kind": "lokr", "r": 1}, {"kind": "lokr", "r": 8}],
+                         ids=["loha", "lokr-w2-factorised", "lokr-full"])
+def test_grouped_conv_loha_and_lokr_run_the_same_in_peft_and_back(config, tmp_path):
+    """PEFT's LoHa / LoKr build the update in the grouped weight's own (out, in/g, *k) shape, as convlora does."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(8, 16, 3, groups=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1, groups=4)).eval()
+    ours = copy.deepcopy(base)
+    convlora.inject_lora(ours, convlora.LoRAConfig(**{"r": 2, **config}, target_modules=["0", "2"]))
+    randomize_lora_(ours, seed=1, std=0.3)
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    expected = _out(ours.eval(), x)
+    assert relative_error(expected, _out(base, x)) > 1e-2
+    folder = save_peft_adapter(ours, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    assert relative_error(_out(theirs, x), expected) < TOL
+    back = copy.deepcopy(base)
+    load_peft_adapter(back, folder)
+    assert torch.equal(_out(back.eval(), x), expected)
