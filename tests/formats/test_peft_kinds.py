@@ -340,3 +340,19 @@ def test_grouped_conv_loha_and_lokr_run_the_same_in_peft_and_back(config, tmp_pa
     back = copy.deepcopy(base)
     load_peft_adapter(back, folder)
     assert torch.equal(_out(back.eval(), x), expected)
+
+
+def test_peft_dora_folder_missing_a_magnitude_is_named(tmp_path):
+    from convlora.io import write_safetensors
+
+    theirs = get_peft_model(_net(), LoraConfig(r=2, use_dora=True, target_modules=TARGETS))
+    theirs.save_pretrained(tmp_path / "peft")
+    weights_file = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors, header = read_safetensors(weights_file)
+    del tensors[f"{_P}c1.lora_magnitude_vector"]
+    write_safetensors(tensors, weights_file, header)
+    ours = _net()
+    with pytest.raises(LoRAFormatError, match=r"adapter_model\.safetensors: PEFT's use_dora is True for the whole adapter but "
+                                              r"2 of 3 modules have a lora_magnitude_vector \(not: c1\)$"):
+        load_peft_adapter(ours, tmp_path / "peft")
+    assert not convlora.lora_layers(ours)
