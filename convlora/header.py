@@ -165,7 +165,7 @@ def user_metadata(metadata: object, reserved_prefix: str = "convlora_", reserved
 def peft_lora_fields(config: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check the fields of a PEFT ``LoraConfig`` dict that decide ranks and alphas; returns it as a dict.
 
-    ``r`` an integer >= 1, ``lora_alpha`` finite > 0, ``rank_pattern`` / ``alpha_pattern`` objects
+    ``r`` an integer >= 1, ``lora_alpha`` (LoHa / LoKr: ``alpha``) finite > 0, ``rank_pattern`` / ``alpha_pattern`` objects
     whose keys are valid PEFT patterns (regexes) and values valid ranks / alphas, ``use_rslora`` a
     boolean, ``target_modules`` a string, a list of strings or null. Other fields are left alone.
 
@@ -174,8 +174,9 @@ def peft_lora_fields(config: Mapping[str, Any], where: str) -> dict[str, Any]:
     """
     if "r" in config:
         _checked(checked_rank, config["r"], f"{where}: r")
-    if "lora_alpha" in config:
-        _checked(checked_alpha, config["lora_alpha"], f"{where}: lora_alpha")
+    for name in ("lora_alpha", "alpha"):  # LoraConfig's alpha, LoHaConfig's / LoKrConfig's
+        if name in config:
+            _checked(checked_alpha, config[name], f"{where}: {name}")
     for name, check in (("rank_pattern", checked_rank), ("alpha_pattern", checked_alpha)):
         patterns = config.get(name)
         if patterns is None:

@@ -11,6 +11,19 @@ diffusers 0.42 strips ``text_model.`` for transformers-5 models that are flatten
 and ComfyUI expect it. The LoraConfig in the header names the modules without it, which PEFT
 matches as a suffix either way.
 
+DoRA modules add ``<key>.lora_magnitude_vector`` in PEFT's layout (``(out,)``, ``(1, out, 1, 1)`` for
+convs) and ``"<component>.use_dora": true`` to the header's config, which diffusers hands to
+``peft.LoraConfig`` (``utils/peft_utils.py``: ``_create_lora_config``; without the header entry
+``get_peft_kwargs`` sets ``use_dora`` when a key holds ``lora_magnitude_vector``). ``use_dora`` is one flag
+per component, so a component is all DoRA or none. Text-encoder magnitudes are written as
+``<key>.lora_magnitude_vector.weight``: diffusers loads text encoders through transformers'
+``load_adapter``, whose key renaming (``peft/utils/transformers_weight_conversion.py``:
+``build_peft_weight_mapping``) puts the adapter name after the ``lora_*`` segment, so only that spelling
+lands on the parameter ``lora_magnitude_vector.<adapter>.weight`` (without ``.weight`` the magnitude is
+reported unexpected and left at its initial value). Reading accepts both spellings. LoHa and LoKr are not written: diffusers' SD-1.x /
+SDXL ``load_lora_weights`` (``loaders/lora_pipeline.py``) refuses any key without ``"lora"`` in it,
+which their ``hada_*`` / ``lokr_*`` keys are (:func:`check_diffusers_kinds`).
+
 Reading also accepts diffusers' older spellings (``.lora.down.weight`` / ``.lora.up.weight``,
 ``.lora_linear_layer.down.weight``, ``.processor.to_q_lora.down.weight``) and ``<path>.alpha``
 tensors as some tools write them; anything else is named in an error.
@@ -27,7 +40,9 @@ import torch
 from convlora import header as headers
 from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lora_keys
 from convlora.formats.peft import alpha_for, lora_config_kwargs
-from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, nested_clip_path
+from convlora.formats.peft_kinds import MAGNITUDE, magnitude_from_peft, magnitude_to_peft
+from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAModule, LoRAWeights, nested_clip_path
+from convlora.kinds import AdapterKind
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -40,6 +55,8 @@ _SUFFIXES = {
     ".lora_linear_layer.down.weight": "A",
     ".lora_linear_layer.up.weight": "B",
     ".alpha": "alpha",
+    f".{MAGNITUDE}": "magnitude",
+    f".{MAGNITUDE}.weight": "magnitude",
 }
 # diffusers' attention-processor era: "...attn1.processor.to_out_lora.down.weight"
 _PROCESSOR_KEY = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -61,14 +78,18 @@ def to_diffusers(weights: LoRAWeights) -> tuple[dict[str, torch.Tensor], dict[st
     adapter_metadata: dict[str, object] = {}
     for component in weights.components():
         modules = weights.component(component)
+        use_dora = _component_uses_dora(component, modules)
         is_text = component.startswith("text_encoder")
         for path, module in modules.items():
             key = f"{component}.{nested_clip_path(path) if is_text else path}"
             tensors[f"{key}.lora_A.weight"] = module.lora_A
             tensors[f"{key}.lora_B.weight"] = module.lora_B
+            if use_dora:  # text encoders: ".weight" too, see the module docstring
+                tensors[f"{key}.{MAGNITUDE}" + (".weight" if is_text else "")] = magnitude_to_peft(module)
         # PEFT matches config names as path suffixes: the flattened CLIP name fits both spellings.
         names = {_flat_clip_path(p) if is_text else p: m for p, m in modules.items()}
-        for field, value in lora_config_kwargs(names, weights.use_rslora).items():
+        fields = {**lora_config_kwargs(names, weights.use_rslora), **({"use_dora": True} if use_dora else {})}
+        for field, value in fields.items():
             adapter_metadata[f"{component}.{field}"] = value
     header = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True), **weights.metadata}
     return tensors, header
@@ -91,7 +112,7 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
             key = new_key
         renamed[key] = tensor
     groups, leftovers = split_lora_keys(renamed, _SUFFIXES, source)
-    raise_on_leftovers(leftovers, source, " (convlora imports plain LoRA: no DoRA, LoRA bias or LoKr)")
+    raise_on_leftovers(leftovers, source, " (convlora imports LoRA and DoRA from diffusers files: no LoRA bias or LoKr)")
     configs = headers.adapter_metadata(header, METADATA_KEY, COMPONENTS, source)
 
     def alpha_of(path: str, rank: int, group) -> float:
@@ -106,6 +127,7 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
     modules = pair_modules(groups, alpha_of, source)
     if not modules:
         raise LoRAFormatError(f"{source} holds no LoRA weights")
+    _attach_magnitudes(modules, groups, configs, source)
     rslora = {bool(c.get("use_rslora", False)) for c in configs.values()}
     if len(rslora) > 1:
         raise LoRAFormatError(f"{source}: components disagree on use_rslora; convlora loads one kind per file")
@@ -115,3 +137,62 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
 
 def _flat_clip_path(path: str) -> str:
     return path[len("text_model.") :] if path.startswith("text_model.") else path
+
+
+def check_diffusers_kinds(modules: Mapping[str, LoRAModule]) -> None:
+    """Refuse LoHa / LoKr (with or without DoRA) for diffusers files, saying why.
+
+    diffusers' ``StableDiffusionLoraLoaderMixin.load_lora_weights`` (and SDXL's) raise "Invalid LoRA
+    checkpoint" unless every key contains ``"lora"`` (``loaders/lora_pipeline.py``); LoHa's ``hada_*`` and
+    LoKr's ``lokr_*`` keys do not, and its PEFT ``LoraConfig`` has no Hadamard or Kronecker product.
+
+    Raises:
+        LoRAFormatError: naming the kinds and a few of their modules.
+    """
+    bad: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        if module.kind.name != "lora":
+            bad.setdefault(module.kind.label, []).append(path)
+    if bad:
+        detail = "; ".join(f"{label} ({', '.join(sorted(paths)[:3])}" + (f", ... {len(paths) - 3} more" if len(paths) > 3 else "") + ")"
+                           for label, paths in sorted(bad.items()))
+        raise LoRAFormatError(
+            f"diffusers files do not carry these adapter kinds: {detail}. diffusers' StableDiffusion / SDXL "
+            "load_lora_weights refuses every key without 'lora' in it, as LoHa's hada_* and LoKr's lokr_* keys are, "
+            "and loads LoRA and DoRA only. Save it as native, or as peft (LoHaConfig / LoKrConfig) for one model."
+        )
+
+
+def _component_uses_dora(component: str, modules: Mapping[str, LoRAModule]) -> bool:
+    """Whether a component's modules are DoRA: all or none (its ``LoraConfig`` has one ``use_dora``)."""
+    dora = sorted(p for p, m in modules.items() if m.kind.use_dora)
+    if dora and len(dora) != len(modules):
+        plain = sorted(set(modules) - set(dora))
+        raise LoRAFormatError(
+            f"diffusers gives each pipeline component one LoraConfig, so {component} must be all DoRA or all plain "
+            f"LoRA; it has DoRA on {', '.join(dora[:3])} and plain LoRA on {', '.join(plain[:3])}"
+        )
+    return bool(dora)
+
+
+def _attach_magnitudes(modules: dict[str, LoRAModule], groups, configs: Mapping[str, Mapping], source: str) -> None:
+    """DoRA modules: ``lora_magnitude_vector`` as ``magnitude (out,)``; per component all or none, and as
+    the header's ``use_dora`` says when it says."""
+    for component in {next((c for c in COMPONENTS if p.startswith(c + ".")), "") for p in modules}:
+        paths = [p for p in modules if (p.startswith(component + ".") if component else not p.startswith(
+            tuple(c + "." for c in COMPONENTS)))]
+        with_magnitude = [p for p in paths if "magnitude" in groups[p]]
+        said = (configs.get(component) or {}).get("use_dora")
+        if not with_magnitude and not said:
+            continue
+        if len(with_magnitude) != len(paths) or said is False:
+            shown = ", ".join(f"{p}.{MAGNITUDE}" for p in sorted(with_magnitude)[:3])
+            raise LoRAFormatError(
+                f"{source}: {component or 'the model'} has a {MAGNITUDE} on {len(with_magnitude)} of {len(paths)} "
+                f"modules{f' ({shown})' if shown else ''}{' and use_dora false in its header' if said is False else ''}; "
+                "DoRA is one flag per component"
+            )
+        for path in paths:
+            key = f"{path}.{MAGNITUDE}"
+            modules[path].factors = {"magnitude": magnitude_from_peft(groups[path]["magnitude"], modules[path].lora_B, key, source)}
+            modules[path].kind = AdapterKind("lora", use_dora=True)

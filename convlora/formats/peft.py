@@ -24,10 +24,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlora.formats.peft_kinds import (
+    LOHA_NAMES,
+    LOKR_NAMES,
+    MAGNITUDE,
+    PEFT_TYPES,
+    TUCKER_NAMES,
+    dora_grouped_problems,
+    lokr_base_shape,
+    lokr_peft_ranks,
+    lycoris_config,
+    lycoris_module,
+    lycoris_write_problems,
+    magnitude_from_peft,
+    magnitude_to_peft,
+)
 from convlora.formats.weights import (
     LoRAFormatError,
     LoRAModule,
     LoRAWeights,
+    check_kinds_for_format,
     check_portable_geometry,
     conv_geometry_problems,
     load_weights_into_model,
@@ -40,11 +56,17 @@ from convlora.formats.pairing import pair_modules, raise_on_leftovers, split_lor
 from convlora.header import peft_config_file, peft_pattern
 from convlora.inject import lora_layers
 from convlora.io import read_safetensors, write_safetensors
+from convlora.kinds import AdapterKind
 from convlora.layers import GPT2Conv1D, conv_geometry_record
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
+#: Header entry of the PEFT files convlora writes for LoHa / LoKr: ``{path: base weight shape}`` (their
+#: flattened factors do not tell a conv's kernel from its channels). PEFT ignores the header.
+BASE_SHAPES_KEY = "convlora_base_shapes"
+#: ``r`` and ``alpha`` of a PEFT ``LoHaConfig`` / ``LoKrConfig`` that does not name them.
+LYCORIS_DEFAULT = 8
 
 
 # ---- the config both PEFT and diffusers use -------------------------------------------------------
@@ -67,8 +89,9 @@ def lora_config_kwargs(modules: Mapping[str, LoRAModule], use_rslora: bool) -> d
     }
 
 
-def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None) -> float:
-    """The alpha PEFT gives module ``path`` under ``config`` (``alpha = rank`` without a config).
+def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None, field: str = "lora_alpha") -> float:
+    """The alpha PEFT gives module ``path`` under ``config`` (``alpha = rank`` without a config; ``field``:
+    the config's alpha, ``"alpha"`` in LoHa / LoKr configs).
 
     Pattern keys are matched as PEFT does: the first key ``k`` with
     ``re.match(rf"(.*\\.)?({k})$", path)`` wins. ``config`` has been checked by
@@ -79,7 +102,7 @@ def alpha_for(path: str, rank: int, config: Mapping[str, Any] | None) -> float:
     for key, value in (config.get("alpha_pattern") or {}).items():
         if peft_pattern(key, "alpha_pattern key").match(path):
             return float(value)
-    return float(config.get("lora_alpha", rank))
+    return float(config.get(field, rank))
 
 
 def rank_for(path: str, config: Mapping[str, Any]) -> int | None:
@@ -168,14 +191,23 @@ def read_peft_folder(folder: str | os.PathLike) -> LoRAWeights:
 def from_peft(
     tensors: Mapping[str, Any], header: Mapping[str, str], config: Mapping[str, Any] | None, source: str = "file"
 ) -> LoRAWeights:
-    """Neutral weights from PEFT adapter tensors; alpha from ``config`` (``alpha = rank`` without one)."""
+    """Neutral weights from PEFT adapter tensors; alpha from ``config`` (``alpha = rank`` without one).
+
+    LoRA (with DoRA's ``lora_magnitude_vector``), LoHa (``hada_w*``) and LoKr (``lokr_w*``) adapters; the
+    kind is the config's ``peft_type`` or, without a config, what the keys are.
+    """
+    peft_type = _peft_type_of(tensors, config)
+    if peft_type != "LORA":
+        return _from_peft_lycoris(tensors, header, config, peft_type, source)
     unprefixed = [k for k in tensors if not k.startswith(KEY_PREFIX)]
     stripped = {k[len(KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(KEY_PREFIX)}
-    groups, leftovers = split_lora_keys(stripped, {".lora_A.weight": "A", ".lora_B.weight": "B"}, source)
+    groups, leftovers = split_lora_keys(
+        stripped, {".lora_A.weight": "A", ".lora_B.weight": "B", f".{MAGNITUDE}": "magnitude"}, source
+    )
     raise_on_leftovers(
         unprefixed + [KEY_PREFIX + k for k in leftovers],
         source,
-        " (convlora imports plain LoRA: no DoRA, LoRA bias, embedding LoRA or modules_to_save)",
+        " (convlora imports LoRA, DoRA, LoHa and LoKr: no LoRA bias, embedding LoRA or modules_to_save)",
     )
     use_rslora = bool((config or {}).get("use_rslora", False))
     conv_groups: dict[str, int] = {}  # path -> groups of a grouped conv, in PEFT's dense-A form
@@ -192,21 +224,96 @@ def from_peft(
         raise LoRAFormatError(f"{source} holds no LoRA weights")
     for path, g in conv_groups.items():
         modules[path].geometry = {"groups": g}  # what the file tells; dilation / padding mode it does not
-    metadata = {k: v for k, v in header.items() if k != "format"}
+    _attach_magnitudes(modules, groups, config, conv_groups, source)
+    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
     return LoRAWeights(modules, use_rslora=use_rslora, metadata=metadata)
 
 
+def _peft_type_of(tensors: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
+    """The config's ``peft_type``; without a config, ``LOHA`` / ``LOKR`` when the keys are ``hada_`` / ``lokr_`` ones."""
+    if config is not None:
+        return config.get("peft_type", "LORA")
+    names = {k.rpartition(".")[2] for k in tensors}
+    if names & set(LOHA_NAMES):
+        return "LOHA"
+    return "LOKR" if names & set(LOKR_NAMES) else "LORA"
+
+
+def _attach_magnitudes(modules: dict[str, LoRAModule], groups, config, conv_groups, source: str) -> None:
+    """DoRA: each module's ``lora_magnitude_vector`` as its ``magnitude (out,)``, all modules or none
+    (PEFT's ``use_dora`` is one flag; a config that says otherwise is refused)."""
+    with_magnitude = sorted(p for p, g in groups.items() if "magnitude" in g)
+    if not with_magnitude and not (config or {}).get("use_dora"):
+        return
+    if len(with_magnitude) != len(modules) or (config is not None and not config.get("use_dora")):
+        without = sorted(set(modules) - set(with_magnitude))
+        raise LoRAFormatError(
+            f"{source}: PEFT's use_dora is {bool((config or {}).get('use_dora', True))} for the whole adapter but "
+            f"{len(with_magnitude)} of {len(modules)} modules have a {MAGNITUDE}"
+            + (f" (not: {', '.join(without[:6])})" if without else "")
+        )
+    grouped = sorted(set(conv_groups))
+    if grouped:
+        raise LoRAFormatError(f"{source}: DoRA on grouped convs ({', '.join(grouped[:6])}): PEFT's DoRA computes "
+                              "B.view(-1, R) @ A.view(R, -1) of a grouped lora_B there, which is not the LoRA update")
+    for path, module in modules.items():
+        magnitude = magnitude_from_peft(groups[path]["magnitude"], module.lora_B, f"{path}.{MAGNITUDE}", source)
+        module.kind = AdapterKind("lora", use_dora=True)
+        module.factors = {"magnitude": magnitude}
+
+
+def _from_peft_lycoris(tensors, header, config, peft_type: str, source: str) -> LoRAWeights:
+    """A PEFT LoHa / LoKr adapter (``base_model.model.<path>.hada_w1_a`` ...) as neutral weights."""
+    allowed = set(LOHA_NAMES if peft_type == "LOHA" else LOKR_NAMES) | set(TUCKER_NAMES)
+    by_path: dict[str, dict[str, Any]] = {}
+    leftovers = []
+    for key, tensor in tensors.items():
+        path, _, name = key[len(KEY_PREFIX):].rpartition(".")
+        if not key.startswith(KEY_PREFIX) or name not in allowed or not path:
+            leftovers.append(key)
+        else:
+            by_path.setdefault(path, {})[name] = tensor
+    raise_on_leftovers(leftovers, source, f" (a PEFT {peft_type} adapter holds {', '.join(sorted(allowed - set(TUCKER_NAMES)))})")
+    if not by_path:
+        raise LoRAFormatError(f"{source} holds no {peft_type} weights")
+    base_shapes = _recorded_base_shapes(header, source)
+    modules = {}
+    for path, factors in by_path.items():
+        # PEFT's LycorisConfig defaults are r = alpha = 8; without a config, alpha = rank (scaling 1)
+        r = (rank_for(path, config) or LYCORIS_DEFAULT) if config else None
+        alpha = alpha_for(path, LYCORIS_DEFAULT, config, field="alpha") if config else None
+        modules[path] = lycoris_module(path, factors, peft_type, r, alpha, base_shapes.get(path), source)
+    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
+    return LoRAWeights(modules, metadata=metadata)
+
+
+def _recorded_base_shapes(header: Mapping[str, str], source: str) -> dict[str, tuple[int, ...]]:
+    """The base weight shapes convlora recorded in a PEFT file's header (LoHa / LoKr folders it wrote)."""
+    if BASE_SHAPES_KEY not in header:
+        return {}
+    try:
+        shapes = json.loads(header[BASE_SHAPES_KEY])
+        return {str(p): tuple(int(s) for s in shape) for p, shape in shapes.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise LoRAFormatError(f"{source}: header entry {BASE_SHAPES_KEY} is not a JSON object of shapes") from None
+
+
 def read_peft_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of a PEFT folder; it must describe a LoRA adapter."""
+    """The parsed ``adapter_config.json`` of a PEFT folder; it must describe a LoRA (DoRA), LoHa or LoKr adapter."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
     config = peft_config_file(path)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoRAFormatError(f"{path}: peft_type is {config.get('peft_type')!r}; convlora reads LoRA adapters only")
-    unsupported = [k for k in ("use_dora", "lora_bias") if config.get(k)]
-    if unsupported:
-        raise LoRAFormatError(f"{path}: {', '.join(unsupported)} is set; convlora reads plain LoRA adapters only")
+    if config.get("peft_type", "LORA") not in ("LORA", "LOHA", "LOKR"):
+        raise LoRAFormatError(
+            f"{path}: peft_type is {config.get('peft_type')!r}; convlora reads LORA (with or without use_dora), "
+            "LOHA and LOKR adapters"
+        )
+    if config.get("lora_bias"):
+        raise LoRAFormatError(f"{path}: lora_bias is set; convlora reads LoRA adapters without LoRA biases")
+    if config.get("use_effective_conv2d"):
+        raise LoRAFormatError(f"{path}: use_effective_conv2d is set: PEFT's Tucker form of LoHa / LoKr convs, "
+                              "which convlora does not have")
     return config
 
 
@@ -216,16 +323,47 @@ def write_peft_folder(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
 ) -> Path:
-    """Write neutral (unprefixed, single-model) weights as a PEFT LoRA adapter folder.
+    """Write neutral (unprefixed, single-model) weights as a PEFT adapter folder: ``LoraConfig`` for LoRA,
+    ``LoraConfig(use_dora=True)`` for DoRA, ``LoHaConfig`` / ``LoKrConfig`` for LoHa / LoKr
+    (:mod:`convlora.formats.peft_kinds`).
 
     Modules recorded as grouped convs are written in PEFT's dense-A form (:func:`grouped_to_peft`).
 
     Raises:
-        LoRAFormatError: modules recorded as dilated or non-zero-padded convs (PEFT runs those
-            without it); nothing is written then.
+        LoRAFormatError: kinds PEFT does not carry (LoHa / LoKr with DoRA) or several kinds in one adapter;
+            modules recorded as dilated or non-zero-padded convs (PEFT runs those without it); what PEFT's
+            DoRA / LoHa / LoKr would compute differently (named by
+            :func:`convlora.formats.peft_kinds.lycoris_write_problems`). Nothing is written then.
     """
+    check_kinds_for_format(weights.modules, "peft")
+    labels = sorted({m.kind.label for m in weights.modules.values()})
+    if len(labels) > 1:
+        by_label = "; ".join(f"{label}: {', '.join(sorted(p for p, m in weights.modules.items() if m.kind.label == label)[:3])}"
+                             for label in labels)
+        raise LoRAFormatError(f"a PEFT adapter folder holds one adapter type (LoraConfig with use_dora for all modules "
+                              f"or none, LoHaConfig or LoKrConfig); this adapter has {', '.join(labels)} ({by_label})")
     check_portable_geometry(weights, "PEFT", allow_groups=True)
+    if labels[0] in ("lora", "dora"):
+        tensors, config, header = *_lora_folder_parts(weights, fan_in_fan_out, labels[0] == "dora"), {}
+    else:
+        tensors, config = _lycoris_folder_parts(weights, labels[0], fan_in_fan_out)
+        shapes = {p: list(m.base_shape) for p, m in sorted(weights.modules.items()) if m.base_shape is not None}
+        header = {BASE_SHAPES_KEY: json.dumps(shapes, sort_keys=True)} if shapes else {}
+    config = {"base_model_name_or_path": base_model_name_or_path, "task_type": None, **config,
+              "inference_mode": True, "modules_to_save": None}
     folder = Path(folder)
+    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **weights.metadata, **header})
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _lora_folder_parts(weights: LoRAWeights, fan_in_fan_out: bool, use_dora: bool) -> tuple[dict, dict]:
+    """Tensors and ``LoraConfig`` fields of a LoRA / DoRA folder."""
+    grouped = dora_grouped_problems(weights.modules)
+    if grouped:
+        raise LoRAFormatError(f"cannot export to PEFT: its DoRA computes B.view(-1, R) @ A.view(R, -1) of the grouped "
+                              f"lora_B it uses on grouped convs, which is not the LoRA update: {'; '.join(grouped)}. "
+                              "Save them with format='native' (convlora.save_lora) instead.")
     modules = {
         path: grouped_to_peft(m, m.geometry["groups"], weights.use_rslora) if (m.geometry or {}).get("groups", 1) > 1 else m
         for path, m in weights.modules.items()
@@ -234,21 +372,45 @@ def write_peft_folder(
     for path, module in modules.items():
         tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = module.lora_A
         tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = module.lora_B
+        if use_dora:
+            tensors[f"{KEY_PREFIX}{path}.{MAGNITUDE}"] = magnitude_to_peft(weights.modules[path])
     config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
         **lora_config_kwargs(modules, weights.use_rslora),
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "lora_dropout": 0.0,
-        "modules_to_save": None,
         "init_lora_weights": True,
-        "inference_mode": True,
+        **({"use_dora": True} if use_dora else {}),
     }
-    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **weights.metadata})
-    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return folder
+    return tensors, config
+
+
+def _lycoris_folder_parts(weights: LoRAWeights, label: str, fan_in_fan_out: bool) -> tuple[dict, dict]:
+    """Tensors and ``LoHaConfig`` / ``LoKrConfig`` fields of a LoHa / LoKr folder (no dropout, no Tucker
+    cores: ``use_effective_conv2d=False``)."""
+    modules = weights.modules
+    problems = lycoris_write_problems(modules, weights.use_rslora, fan_in_fan_out)
+    if problems:
+        raise LoRAFormatError(f"cannot export to PEFT: its {label} would compute this adapter differently: "
+                              f"{'; '.join(problems)}. Save it with format='native' (convlora.save_lora) instead.")
+    extra: dict[str, Any] = {}
+    if label == "lokr":
+        factor, decompose_both, ranks = lokr_peft_ranks(modules, {p: lokr_base_shape(m, p) for p, m in modules.items()})
+        extra = {"decompose_both": decompose_both, "decompose_factor": factor, "rank_dropout_scale": False}
+    else:
+        ranks = {p: m.r for p, m in modules.items()}
+    tensors = {f"{KEY_PREFIX}{p}.{name}": t for p, m in modules.items() for name, t in m.factors.items()}
+    config = {
+        "peft_type": PEFT_TYPES[label],
+        **lycoris_config(modules, ranks),
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "use_effective_conv2d": False,
+        "init_weights": True,
+        **extra,
+    }
+    return tensors, config
 
 
 def save_peft_adapter(

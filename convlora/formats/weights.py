@@ -198,9 +198,9 @@ def uses_rslora(*models: nn.Module | None, adapter_name: str | None = None) -> b
 #: every writer checks through :func:`check_kinds_for_format`.
 FORMAT_KINDS: dict[str, frozenset[str]] = {
     "native": frozenset({"lora", "dora", "loha", "lokr", "loha+dora", "lokr+dora"}),
-    "diffusers": frozenset({"lora"}),
+    "diffusers": frozenset({"lora", "dora"}),
     "kohya": frozenset({"lora"}),
-    "peft": frozenset({"lora"}),
+    "peft": frozenset({"lora", "dora", "loha", "lokr"}),
 }
 
 

@@ -165,11 +165,13 @@ def test_peft_lora_on_a_dilated_conv_is_refused(tmp_path, randomize_peft_lora):
     assert not convlora.lora_layers(base)
 
 
-def test_peft_folder_with_dora_is_named(resnet, tmp_path):
-    peft_model = get_peft_model(copy.deepcopy(resnet), LoraConfig(r=2, target_modules=["fc"], use_dora=True))
-    peft_model.save_pretrained(tmp_path / "dora")
-    with pytest.raises(LoRAFormatError, match="use_dora is set"):
-        load_peft_adapter(resnet, tmp_path / "dora")
+def test_peft_folder_with_lora_bias_is_named(resnet, tmp_path):
+    """DoRA folders load (tests/formats/test_peft_kinds.py); LoRA biases are still refused by name."""
+    peft_model = get_peft_model(copy.deepcopy(resnet), LoraConfig(r=2, target_modules=["fc"], lora_bias=True))
+    peft_model.save_pretrained(tmp_path / "bias")
+    with pytest.raises(LoRAFormatError, match="lora_bias is set; convlora reads LoRA adapters without LoRA biases"):
+        load_peft_adapter(resnet, tmp_path / "bias")
+    assert not convlora.lora_layers(resnet)
 
 
 def test_peft_leftover_keys_are_named(resnet, tmp_path):
