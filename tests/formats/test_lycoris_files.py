@@ -1,0 +1,305 @@
+"""kohya / LyCORIS files of LoHa, LoKr and DoRA: convlora -> file -> LyCORIS's own loader (``lycoris.kohya
+.create_network_from_weights``) gives convlora's outputs, LyCORIS's own modules -> file -> convlora gives
+LyCORIS's, files read back bit-exactly, and what convlora refuses is named."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import convlora
+from convlora.diffusion.tiny import tiny_unet_config
+from convlora.formats import LoRAFormatError, read_lora_file, write_lora_file
+from convlora.formats.kohya import BASE_SHAPES_KEY
+from convlora.formats.weights import LoRAWeights, load_weights_into_model, weights_from_model
+from convlora.io import read_safetensors, write_safetensors
+from convlora.testing import randomize_lora_, relative_error
+
+REL = 1e-5  # convlora vs LyCORIS, relative to the output's largest value
+
+# name -> LoRAConfig options; the layer sizes below make r=2 factorise LoKr's W2 (and W1 with decompose_both),
+# while r=16 leaves both LoKr sides whole (scale 1).
+KINDS = {
+    "loha": dict(kind="loha", r=4),
+    "lokr": dict(kind="lokr", r=2),
+    "lokr-both": dict(kind="lokr", r=2, decompose_both=True),
+    "lokr-whole": dict(kind="lokr", r=16),
+    "lokr-factor4": dict(kind="lokr", r=2, factor=4),
+    "dora": dict(kind="dora", r=4),
+    "loha-dora": dict(kind="loha", r=4, weight_decompose=True),
+    "lokr-dora": dict(kind="lokr", r=2, weight_decompose=True),
+}
+LAYERS = ("conv3", "conv1", "linear")
+
+
+class Tiny(nn.Module):
+    """A 3x3 conv, a 1x1 conv and a Linear, named as a UNet's modules would be in a kohya file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv1 = nn.Conv2d(64, 64, 1)
+        self.linear = nn.Linear(64, 96)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.conv1(torch.relu(self.conv3(x))).mean((2, 3)))
+
+
+def _adapted(kind_name: str, targets=LAYERS, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(base, copy with a randomised adapter of ``kind_name`` on ``targets``)."""
+    torch.manual_seed(seed)
+    base = Tiny()
+    model = copy.deepcopy(base)
+    convlora.inject_lora(model, convlora.LoRAConfig(alpha=3.0, target_modules=list(targets), **KINDS[kind_name]))
+    randomize_lora_(model, seed=seed + 1, std=0.3)
+    return base, model
+
+
+def _write(model: nn.Module, path) -> str:
+    return str(write_lora_file(LoRAWeights(weights_from_model(model, prefix="unet.")), path, "kohya"))
+
+
+def _lycoris_applied(base: nn.Module, path: str) -> nn.Module:
+    """A copy of ``base`` running LyCORIS's modules built from the file, as sd-scripts loads a LyCORIS file."""
+    from lycoris.kohya import create_network_from_weights
+
+    theirs = copy.deepcopy(base)
+    network, _ = create_network_from_weights(1.0, path, None, None, theirs)
+    network.apply_to(None, theirs, apply_text_encoder=False, apply_unet=True)
+    assert len(network.unet_loras) == len([m for m in base.modules() if m is not base])
+    return theirs.eval()
+
+
+def _read_back(base: nn.Module, path) -> nn.Module:
+    _, weights = read_lora_file(path)
+    fresh = copy.deepcopy(base)
+    load_weights_into_model(fresh, weights.component("unet"))
+    return fresh
+
+
+@pytest.mark.parametrize("kind_name", KINDS)
+def test_lycoris_loads_convlora_kohya_files_to_the_same_outputs_and_they_read_back_exactly(kind_name, tmp_path):
+    base, model = _adapted(kind_name)
+    path = _write(model, tmp_path / "a.safetensors")
+    x = torch.randn(2, 32, 7, 7)
+    with torch.no_grad():
+        ours, plain = model(x), base(x)
+        theirs = _lycoris_applied(base, path)(x)
+        again = _read_back(base, path)(x)
+    assert relative_error(ours, plain) > 0.1  # the adapter changes the output ...
+    assert relative_error(theirs, ours) < REL  # ... and LyCORIS computes the same
+    assert torch.equal(again, ours)
+    fresh = _read_back(base, path)
+    ours_sd, theirs_sd = convlora.lora_state_dict(model), convlora.lora_state_dict(fresh)
+    assert ours_sd.keys() == theirs_sd.keys() and all(torch.equal(ours_sd[k], theirs_sd[k]) for k in ours_sd)
+
+
+def test_the_keys_layouts_and_header_are_lycoris(tmp_path):
+    _, model = _adapted("lokr-dora")
+    tensors, header = read_safetensors(_write(model, tmp_path / "a.safetensors"))
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    assert shapes == {
+        # 3x3 conv 32 -> 64: W1 (8, 4), W2 = (8, 2) @ (2, 8 * 9); DoRA (64, 1, 1, 1)
+        "lora_unet_conv3.lokr_w1": (8, 4), "lora_unet_conv3.lokr_w2_a": (8, 2), "lora_unet_conv3.lokr_w2_b": (2, 72),
+        "lora_unet_conv3.dora_scale": (64, 1, 1, 1), "lora_unet_conv3.alpha": (),
+        "lora_unet_conv1.lokr_w1": (8, 8), "lora_unet_conv1.lokr_w2_a": (8, 2), "lora_unet_conv1.lokr_w2_b": (2, 8),
+        "lora_unet_conv1.dora_scale": (64, 1, 1, 1), "lora_unet_conv1.alpha": (),
+        "lora_unet_linear.lokr_w1": (8, 8), "lora_unet_linear.lokr_w2_a": (12, 2), "lora_unet_linear.lokr_w2_b": (2, 8),
+        "lora_unet_linear.dora_scale": (96, 1), "lora_unet_linear.alpha": (),
+    }  # fmt: skip
+    assert header["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(header["ss_network_args"]) == {
+        "algo": "lokr", "dora_wd": "True", "wd_on_output": "True", "factor": "-1", "decompose_both": "False",
+        "conv_dim": "2", "conv_alpha": "3",
+    }  # fmt: skip
+    assert json.loads(header[BASE_SHAPES_KEY]) == {
+        "lora_unet_conv1": [64, 64, 1, 1], "lora_unet_conv3": [64, 32, 3, 3], "lora_unet_linear": [96, 64]
+    }
+    assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("2", "3")
+    assert float(tensors["lora_unet_conv3.alpha"]) == 3.0
+
+
+def test_plain_lora_files_keep_kohyas_header():
+    from convlora.formats.kohya import to_kohya
+
+    _, model = _adapted("loha")
+    plain = copy.deepcopy(Tiny())
+    convlora.inject_lora(plain, convlora.LoRAConfig(r=4, target_modules=["linear"]))
+    _, header = to_kohya(LoRAWeights(weights_from_model(plain, prefix="unet.")))
+    assert header["ss_network_module"] == "networks.lora" and "ss_network_args" not in header and BASE_SHAPES_KEY not in header
+
+
+def _lycoris_module(kind: str, layer: nn.Module, seed: int, **options):
+    """One of LyCORIS's own modules on ``layer`` with random weights, as its training leaves them."""
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[kind]
+    module = cls("lora_unet_x", layer, lora_dim=options.pop("r", 4), alpha=3.0, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "dora_scale":
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+LYCORIS_TRAINED = {
+    "loha": ("loha", {}),
+    "lokr": ("lokr", dict(r=2)),
+    "lokr-both": ("lokr", dict(r=2, decompose_both=True)),
+    "lokr-whole": ("lokr", dict(r=16)),
+    "dora": ("locon", dict(weight_decompose=True)),
+    "loha-dora": ("loha", dict(weight_decompose=True)),
+    "lokr-dora": ("lokr", dict(r=2, weight_decompose=True)),
+}
+
+
+@pytest.mark.parametrize("layer_name", ["conv3", "conv1", "linear"])
+@pytest.mark.parametrize("trained", LYCORIS_TRAINED)
+def test_files_of_lycoris_trained_modules_load_into_convlora_with_lycoris_outputs(trained, layer_name, tmp_path):
+    torch.manual_seed(0)
+    base = Tiny()
+    kind, options = LYCORIS_TRAINED[trained]
+    theirs = copy.deepcopy(base)
+    module = _lycoris_module(kind, getattr(theirs, layer_name), seed=3, **options)
+    tensors = {f"lora_unet_{layer_name}.{k}": v.detach().clone().contiguous() for k, v in module.custom_state_dict().items()}
+    path = write_safetensors(tensors, tmp_path / "lycoris.safetensors", {"ss_network_module": "lycoris.kohya"})
+    module.apply_to()
+    x = torch.randn(2, 32, 7, 7)
+    ours = _read_back(base, path)
+    with torch.no_grad():
+        expected, got = theirs(x), ours(x)
+    assert relative_error(expected, base(x)) > 0.01
+    assert relative_error(got, expected) < REL
+
+
+def test_input_axis_dora_scale_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    module = _lycoris_module("loha", nn.Conv2d(32, 64, 3, padding=1), seed=0, weight_decompose=True, wd_on_out=False)
+    tensors = {f"lora_unet_conv3.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}
+    assert tuple(tensors["lora_unet_conv3.dora_scale"].shape) == (1, 32, 1, 1)
+    path = write_safetensors(tensors, tmp_path / "in_axis.safetensors", {})
+    with pytest.raises(LoRAFormatError) as err:
+        read_lora_file(path)
+    assert str(err.value) == (
+        f"{path}: lora_unet_conv3.dora_scale has shape (1, 32, 1, 1): a per-input-channel DoRA magnitude (LyCORIS's "
+        "wd_on_output=False); convlora computes DoRA over the output axis only, and the two are not convertible"
+    )
+
+
+def _file_of(model, tmp_path, edit) -> str:
+    tensors, header = read_safetensors(_write(model, tmp_path / "a.safetensors"))
+    edit(tensors)
+    return str(write_safetensors(tensors, tmp_path / "edited.safetensors", header))
+
+
+def test_unknown_keys_missing_factors_and_mixed_kinds_are_refused_by_name(tmp_path):
+    _, model = _adapted("loha", targets=["linear"])
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.hada_t1": torch.zeros(4, 4)}))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: 1 key\(s\) are not LoRA weights convlora understands: "
+                       r"lora_unet_linear.hada_t1 \(convlora imports LoRA / LoCon, LoHa, LoKr and DoRA; no Tucker-decomposed "
+                       r"convs: lora_mid, hada_t1/t2, lokr_t2\)$"):
+        read_lora_file(path)
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.oft_blocks": torch.zeros(4, 4)}))
+    with pytest.raises(LoRAFormatError, match=r"lora_unet_linear.oft_blocks \(convlora imports LoRA / LoCon, LoHa, LoKr and DoRA; no other LyCORIS algorithms\)$"):
+        read_lora_file(path)
+    path = _file_of(model, tmp_path, lambda t: t.pop("lora_unet_linear.hada_w2_b"))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: lora_unet_linear is a LoHa module without lora_unet_linear.hada_w2_b$"):
+        read_lora_file(path)
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.lokr_w1": torch.zeros(8, 8)}))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: lora_unet_linear mixes the tensors of several adapter kinds: "
+                       r"lora_unet_linear.alpha, lora_unet_linear.hada_w1_a, .*lora_unet_linear.lokr_w1$"):
+        read_lora_file(path)
+
+
+def test_factor_shapes_that_do_not_fit_are_refused_by_name(tmp_path):
+    _, model = _adapted("loha", targets=["linear"])
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.hada_w2_a": torch.zeros(96, 3)}))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: lora_unet_linear: LoHa factors of shapes \[\(96, 4\), \(4, 64\), "
+                       r"\(96, 3\), \(4, 64\)\] are not hada_w1_a, hada_w2_a \(out, r\) and hada_w1_b, hada_w2_b \(r, in\)$"):
+        read_lora_file(path)
+    _, model = _adapted("lokr-both", targets=["linear"])
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.lokr_w1_b": torch.zeros(3, 8)}))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: lora_unet_linear: LoKr factors disagree on the rank: \[2, 3\]$"):
+        read_lora_file(path)
+    _, model = _adapted("dora", targets=["linear"])
+    path = _file_of(model, tmp_path, lambda t: t.update({"lora_unet_linear.dora_scale": torch.ones(96)}))
+    with pytest.raises(LoRAFormatError, match=rf"^{path}: lora_unet_linear.dora_scale has shape \(96,\); expected \(96, 1, ...\): "
+                       "one magnitude per output channel$"):
+        read_lora_file(path)
+
+
+def test_a_file_for_another_base_is_refused_by_shape_and_the_model_is_unchanged(tmp_path):
+    _, model = _adapted("loha", targets=["linear"])
+    path = _write(model, tmp_path / "a.safetensors")
+    other = Tiny()
+    other.linear = nn.Linear(64, 48)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    _, weights = read_lora_file(path)
+    with pytest.raises(convlora.StateDictMismatchError, match=r"linear\.hada_w1_a.*\(96, 4\).*\(48, 4\)"):
+        load_weights_into_model(other, weights.component("unet"))
+    assert not convlora.lora_layers(other) and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_a_kohya_loha_file_converts_to_native_and_back(tmp_path):
+    from convlora.formats import convert_lora_file
+
+    base, model = _adapted("loha-dora")
+    path = _write(model, tmp_path / "a.safetensors")
+    convert_lora_file(path, tmp_path / "n.safetensors", "native")
+    convert_lora_file(tmp_path / "n.safetensors", tmp_path / "k.safetensors", "kohya")
+    first, second = read_safetensors(path)[0], read_safetensors(tmp_path / "k.safetensors")[0]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(_read_back(base, tmp_path / "k.safetensors")(torch.ones(1, 32, 5, 5)), model(torch.ones(1, 32, 5, 5)))
+
+
+def _lycoris_modules_from_file(unet: nn.Module, path) -> list[nn.Module]:
+    """LyCORIS's modules for each ``lora_unet_`` module of the file, applied to ``unet``: what
+    ``lycoris.kohya.create_network_from_weights`` does per module (``lycoris.modules.get_module`` /
+    ``make_module``), without the network whose default targets collide on a diffusers UNet."""
+    from lycoris.modules import get_module, make_module
+
+    tensors, _ = read_safetensors(path)
+    stems = {k.split(".")[0] for k in tensors}
+    applied = []
+    for name, module in unet.named_modules():
+        stem = f"lora_unet_{name}".replace(".", "_")
+        if name and stem in stems:
+            lycoris_module = make_module(*get_module(tensors, stem), stem, module)
+            lycoris_module.apply_to()
+            applied.append(lycoris_module.eval())
+    return applied
+
+
+@pytest.mark.parametrize("kind_name", ["loha", "lokr", "dora", "lokr-dora"])
+def test_a_tiny_unet_round_trips_through_kohya_files_and_lycoris_agrees(kind_name, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from convlora.diffusion.pipeline import load_pipeline_lora, save_pipeline_lora
+
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**tiny_unet_config()).eval()
+    unet = copy.deepcopy(base)
+    options = {k: v for k, v in KINDS[kind_name].items() if k != "r"}
+    convlora.inject_lora(unet, convlora.LoRAConfig(r=2, target_modules=["to_q", "to_v", "conv1", "conv2", "proj_in"], **options))
+    randomize_lora_(unet, seed=2, std=0.2)
+    path = save_pipeline_lora(tmp_path / "k.safetensors", unet=unet, format="kohya")
+    fresh = copy.deepcopy(base)
+    load_pipeline_lora(path, unet=fresh)
+    theirs = copy.deepcopy(base)
+    applied = _lycoris_modules_from_file(theirs, path)
+    assert len(applied) == len(convlora.lora_layers(unet))
+    args = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 32))
+    with torch.no_grad():
+        ours, plain = unet(*args).sample, base(*args).sample
+        assert relative_error(ours, plain) > 1e-3
+        assert torch.equal(fresh(*args).sample, ours)
+        assert relative_error(theirs.eval()(*args).sample, ours) < REL
