@@ -303,3 +303,133 @@ def test_a_tiny_unet_round_trips_through_kohya_files_and_lycoris_agrees(kind_nam
         assert relative_error(ours, plain) > 1e-3
         assert torch.equal(fresh(*args).sample, ours)
         assert relative_error(theirs.eval()(*args).sample, ours) < REL
+
+
+# ---- convlora doctor on LyCORIS-kind files -----------------------------------------------------------
+COMFYUI, A1111 = "ComfyUI (LoraLoader)", "AUTOMATIC1111 (extensions-builtin/Lora)"
+DIFFUSERS, LYCORIS = "diffusers StableDiffusionPipeline.load_lora_weights", "LyCORIS (lycoris.kohya.create_network_from_weights)"
+UNET_MODULES = (
+    "lora_unet_conv_in, lora_unet_down_blocks_1_attentions_0_proj_in, lora_unet_down_blocks_1_attentions_1_proj_in, "
+    "lora_unet_mid_block_attentions_0_proj_in, ... (3 more)"
+)
+SD1_NOTE = "UNet names are renumbered by SD-1.x's block layout, which A1111 assumes: `--base` checks the base has it"
+
+
+def _unet_file(tmp_path, **options) -> str:
+    """A kohya file of a tiny UNet adapter on conv_in (3x3) and the six proj_in (1x1 convs)."""
+    from diffusers import UNet2DConditionModel
+
+    from convlora.diffusion.pipeline import save_pipeline_lora
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    convlora.inject_lora(unet, convlora.LoRAConfig(r=2, target_modules=["proj_in", "conv_in"], **options))
+    randomize_lora_(unet, seed=2, std=0.2)
+    return str(save_pipeline_lora(tmp_path / "k.safetensors", unet=unet, format="kohya"))
+
+
+def _diagnosis(path):
+    from convlora.formats.doctor import diagnose
+
+    diagnosis = diagnose(path)
+    return diagnosis, {v.loader: v for v in diagnosis.verdicts}
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_doctor_loha_and_lokr_files_load_fully_in_comfyui_a1111_and_lycoris_not_in_diffusers(kind, tmp_path):
+    diagnosis, v = _diagnosis(_unet_file(tmp_path, kind=kind))
+    assert diagnosis.summary[-1] == f"kinds: {kind} x7" and diagnosis.healthy
+    assert {name: (x.status, x.primary) for name, x in v.items()} == {
+        "convlora (load_pipeline_lora / convert)": ("ok", True), DIFFUSERS: ("no", False), COMFYUI: ("ok", True),
+        A1111: ("ok", True), "PEFT PeftModel.from_pretrained": ("n/a", False), LYCORIS: ("ok", True),
+    }  # fmt: skip
+    assert v[DIFFUSERS].reasons == [
+        "its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of 7 module(s) make it "
+        f"raise 'The following keys have not been correctly renamed': {UNET_MODULES}"
+    ]
+    assert v[COMFYUI].reasons == [] and v[A1111].reasons == [SD1_NOTE] and v[LYCORIS].reasons == []
+    assert v["PEFT PeftModel.from_pretrained"].reasons == [f"cannot be converted for it: peft files do not carry {kind} adapters"]
+
+
+def test_doctor_dora_file_explains_the_axis_per_loader(tmp_path):
+    from convlora.formats.doctor import DORA_AXIS_NOTE
+
+    diagnosis, v = _diagnosis(_unet_file(tmp_path, kind="lokr", weight_decompose=True))
+    assert diagnosis.summary[-2:] == ["kinds: lokr+dora x7", DORA_AXIS_NOTE] and not diagnosis.healthy
+    assert DORA_AXIS_NOTE == (
+        "DoRA axis: convlora's magnitude is per output channel (as PEFT and diffusers compute it; in kohya files "
+        "dora_scale (out, 1, ...), as LyCORIS writes and loads it with wd_on_out=True, its default; LyCORIS's "
+        "wd_on_out=False is per input channel); ComfyUI takes the axis from dora_scale's shape but divides by the "
+        "base weight's norms on the output axis; A1111 always normalises per input channel"
+    )
+    assert [(x.status) for x in v.values()] == ["ok", "no", "wrong", "wrong", "n/a", "ok"]
+    assert v[DIFFUSERS].reasons[1] == (
+        f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so 7 DoRA module(s) load as plain LoRA: {UNET_MODULES}"
+    )
+    assert v[COMFYUI].reasons == [
+        "computes another weight for 7 DoRA module(s): their dora_scale is per output channel, and its weight_decompose "
+        "(comfy/weight_adapter/base.py) then divides by the base weight's row norms ||W||, not by those of W + ΔW: "
+        f"{UNET_MODULES}"
+    ]
+    assert v[A1111].reasons == [
+        "computes another weight for 7 DoRA module(s): its apply_weight_decompose (network.py) always normalises per "
+        f"input channel, and their dora_scale is per output channel: {UNET_MODULES}",
+        SD1_NOTE,
+    ]
+    assert v[LYCORIS].reasons == ["7 DoRA module(s) per output channel, as it rebuilds them (wd_on_out=True)"]
+
+
+def test_doctor_input_axis_dora_file_loads_in_the_uis_not_in_convlora_or_lycoris(tmp_path):
+    name = "lora_unet_conv_in"
+    module = _lycoris_module("locon", nn.Conv2d(4, 32, 3, padding=1), seed=0, weight_decompose=True, wd_on_out=False)
+    path = write_safetensors({f"{name}.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}, tmp_path / "i.safetensors", {})
+    _, v = _diagnosis(path)
+    assert {name: x.status for name, x in v.items() if name in (COMFYUI, A1111, LYCORIS)} == {COMFYUI: "ok", A1111: "ok", LYCORIS: "no"}
+    assert v["convlora (load_pipeline_lora / convert)"].reasons == [
+        f"{path}: {name}.dora_scale has shape (1, 4, 1, 1): a per-input-channel DoRA magnitude (LyCORIS's "
+        "wd_on_output=False); convlora computes DoRA over the output axis only, and the two are not convertible"
+    ]
+    assert v[LYCORIS].reasons == [
+        f"its DoRA modules are per output channel (wd_on_out=True), and the dora_scale of 1 module(s) is per input channel: {name}"
+    ]
+
+
+def test_doctor_a1111_fails_a_whole_file_with_a_module_no_type_accepts(tmp_path):
+    name = "lora_unet_conv_in"
+    path = write_safetensors({f"{name}.lokr_w1": torch.ones(4, 2), f"{name}.alpha": torch.tensor(1.0)}, tmp_path / "w1.safetensors", {})
+    _, v = _diagnosis(path)
+    assert v[A1111].status == "no" and v[A1111].reasons[0] == (
+        "fails to load the whole file ('Could not find a module type' in networks.py load_network): no module type "
+        f"accepts the keys of 1 module(s): {name}"
+    )
+    assert v[COMFYUI].status == "no" and v[COMFYUI].reasons[0].startswith(f"skips 1 module(s) it has no key for ('lora key not loaded'): {name}")
+
+
+def test_the_dora_rules_of_comfyui_and_a1111_compute_other_weights_than_output_axis_dora():
+    """Their formulas (comfy/weight_adapter/base.py weight_decompose, A1111 network.py apply_weight_decompose),
+    restated, on a convlora DoRA module's file tensors: neither is convlora's (or LyCORIS's wd_on_out=True) weight,
+    while ComfyUI's input-axis branch is LyCORIS's wd_on_out=False DoRA."""
+    _, model = _adapted("dora", targets=["linear"])
+    layer = model.linear
+    adapter = layer.adapter()
+    w = layer.weight.detach()
+    merged = w + adapter.delta().detach()
+    dora_scale = adapter.magnitude.detach().reshape(-1, 1)  # what the file holds
+    eps = torch.finfo(w.dtype).eps
+    ours = merged * dora_scale / merged.norm(dim=1, keepdim=True)
+    comfyui = merged * dora_scale / (w.norm(dim=1, keepdim=True) + eps)  # shape[0] == out: the base weight's rows
+    a1111 = merged * dora_scale / merged.norm(dim=0, keepdim=True)  # per input column, broadcast
+    assert relative_error(w + adapter.merged_update(w), ours) < 1e-6
+    assert relative_error(comfyui, ours) > 1e-3 and relative_error(a1111, ours) > 1e-3
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96)
+    theirs = _lycoris_module("locon", base, seed=1, weight_decompose=True, wd_on_out=False)
+    up, down = theirs.lora_up.weight.detach(), theirs.lora_down.weight.detach()
+    merged = base.weight.detach() + up @ down * theirs.scale
+    scale = theirs.dora_scale.detach()  # (1, 64)
+    comfyui_input_axis = merged * scale / (merged.norm(dim=0, keepdim=True) + eps)
+    theirs.apply_to()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert relative_error(torch.nn.functional.linear(x, comfyui_input_axis, base.bias), base(x)) < REL
