@@ -392,6 +392,11 @@ def test_doctor_input_axis_dora_file_loads_in_the_uis_not_in_convlora_or_lycoris
     assert v[LYCORIS].reasons == [
         f"its DoRA modules are per output channel (wd_on_out=True), and the dora_scale of 1 module(s) is per input channel: {name}"
     ]
+    from lycoris.modules import get_module, make_module
+
+    tensors, _ = read_safetensors(path)
+    with pytest.raises(RuntimeError, match=r"output with shape \[32, 1, 1, 1\] doesn't match the broadcast shape \[32, 4, 1, 1\]"):
+        make_module(*get_module(tensors, name), name, nn.Conv2d(4, 32, 3, padding=1))  # what LyCORIS's loader does per module
 
 
 def test_doctor_a1111_fails_a_whole_file_with_a_module_no_type_accepts(tmp_path):
