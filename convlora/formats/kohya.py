@@ -229,9 +229,9 @@ def from_kohya(
 
     A module without ``.alpha`` gets ``alpha = rank`` (kohya's and A1111's default). An alpha of 0
     (sd-scripts read it as ``alpha = rank``, A1111 / ComfyUI / diffusers as a switched-off module),
-    NaN, inf or a negative alpha, or an ``.alpha`` that is not one number, is refused by name. Keys that are not
-    ``lora_down`` / ``lora_up`` / ``alpha`` of a ``lora_unet_`` / ``lora_te*_`` module (LoHa, LoKr,
-    DoRA scales, ...) are named in an error. LDM-named UNet modules are read back with the layout
+    NaN, inf or a negative alpha, or an ``.alpha`` that is not one number, is refused by name. Modules
+    are read by :func:`read_modules` (LoRA / LoCon, LoHa, LoKr, DoRA in LyCORIS's keys); keys it does
+    not understand are named in an error. LDM-named UNet modules are read back with the layout
     the header records (:data:`UNET_LAYOUT_KEY`), else by ``unet_config`` (the base's UNet
     config), else -- for an SDXL file (``lora_te2_`` keys, or ``ss_base_model_version`` ``sdxl*``) --
     by SDXL's standard layout; otherwise they are an error.

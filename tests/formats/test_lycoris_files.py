@@ -438,3 +438,20 @@ def test_the_dora_rules_of_comfyui_and_a1111_compute_other_weights_than_output_a
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert relative_error(torch.nn.functional.linear(x, comfyui_input_axis, base.bias), base(x)) < REL
+
+
+@pytest.mark.parametrize("kind_name", ["loha", "lokr", "lokr-dora"])
+def test_rslora_adapters_of_other_kinds_are_written_with_the_equivalent_alpha(kind_name, tmp_path):
+    torch.manual_seed(0)
+    base = Tiny()
+    model = copy.deepcopy(base)
+    convlora.inject_lora(model, convlora.LoRAConfig(alpha=3.0, use_rslora=True, target_modules=list(LAYERS), **KINDS[kind_name]))
+    randomize_lora_(model, seed=1, std=0.3)
+    path = str(write_lora_file(LoRAWeights(weights_from_model(model, prefix="unet."), use_rslora=True), tmp_path / "a.safetensors", "kohya"))
+    r = KINDS[kind_name]["r"]
+    assert float(read_safetensors(path)[0]["lora_unet_linear.alpha"]) == pytest.approx(3.0 * r**0.5)
+    x = torch.randn(2, 32, 7, 7)
+    with torch.no_grad():
+        ours = model(x)
+        assert relative_error(_lycoris_applied(base, path)(x), ours) < REL
+        assert relative_error(_read_back(base, path)(x), ours) < 1e-6
