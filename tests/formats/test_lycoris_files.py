@@ -15,7 +15,11 @@ import convlora
 from convlora.diffusion.tiny import tiny_unet_config
 from convlora.formats import LoRAFormatError, read_lora_file, write_lora_file
 from convlora.formats.kohya import BASE_SHAPES_KEY
-from convlora.formats.weights import LoRAWeights, load_weights_into_model, weights_from_model
+from convlora.formats.weights import (
+    LoRAWeights,
+    load_weights_into_model,
+    weights_from_model,
+)
 from convlora.io import read_safetensors, write_safetensors
 from convlora.testing import randomize_lora_, relative_error
 
@@ -24,14 +28,14 @@ REL = 1e-5  # convlora vs LyCORIS, relative to the output's largest value
 # name -> LoRAConfig options; the layer sizes below make r=2 factorise LoKr's W2 (and W1 with decompose_both),
 # while r=16 leaves both LoKr sides whole (scale 1).
 KINDS = {
-    "loha": dict(kind="loha", r=4),
-    "lokr": dict(kind="lokr", r=2),
-    "lokr-both": dict(kind="lokr", r=2, decompose_both=True),
-    "lokr-whole": dict(kind="lokr", r=16),
-    "lokr-factor4": dict(kind="lokr", r=2, factor=4),
-    "dora": dict(kind="dora", r=4),
-    "loha-dora": dict(kind="loha", r=4, weight_decompose=True),
-    "lokr-dora": dict(kind="lokr", r=2, weight_decompose=True),
+    "loha": {"kind": "loha", "r": 4},
+    "lokr": {"kind": "lokr", "r": 2},
+    "lokr-both": {"kind": "lokr", "r": 2, "decompose_both": True},
+    "lokr-whole": {"kind": "lokr", "r": 16},
+    "lokr-factor4": {"kind": "lokr", "r": 2, "factor": 4},
+    "dora": {"kind": "dora", "r": 4},
+    "loha-dora": {"kind": "loha", "r": 4, "weight_decompose": True},
+    "lokr-dora": {"kind": "lokr", "r": 2, "weight_decompose": True},
 }
 LAYERS = ("conv3", "conv1", "linear")
 
@@ -126,8 +130,7 @@ def test_the_keys_layouts_and_header_are_lycoris(tmp_path):
 def test_plain_lora_files_keep_kohyas_header():
     from convlora.formats.kohya import to_kohya
 
-    _, model = _adapted("loha")
-    plain = copy.deepcopy(Tiny())
+    plain = Tiny()
     convlora.inject_lora(plain, convlora.LoRAConfig(r=4, target_modules=["linear"]))
     _, header = to_kohya(LoRAWeights(weights_from_model(plain, prefix="unet.")))
     assert header["ss_network_module"] == "networks.lora" and "ss_network_args" not in header and BASE_SHAPES_KEY not in header
@@ -153,12 +156,12 @@ def _lycoris_module(kind: str, layer: nn.Module, seed: int, **options):
 
 LYCORIS_TRAINED = {
     "loha": ("loha", {}),
-    "lokr": ("lokr", dict(r=2)),
-    "lokr-both": ("lokr", dict(r=2, decompose_both=True)),
-    "lokr-whole": ("lokr", dict(r=16)),
-    "dora": ("locon", dict(weight_decompose=True)),
-    "loha-dora": ("loha", dict(weight_decompose=True)),
-    "lokr-dora": ("lokr", dict(r=2, weight_decompose=True)),
+    "lokr": ("lokr", {"r": 2}),
+    "lokr-both": ("lokr", {"r": 2, "decompose_both": True}),
+    "lokr-whole": ("lokr", {"r": 16}),
+    "dora": ("locon", {"weight_decompose": True}),
+    "loha-dora": ("loha", {"weight_decompose": True}),
+    "lokr-dora": ("lokr", {"r": 2, "weight_decompose": True}),
 }
 
 
@@ -344,8 +347,8 @@ def test_doctor_loha_and_lokr_files_load_fully_in_comfyui_a1111_and_lycoris_not_
         A1111: ("ok", True), "PEFT PeftModel.from_pretrained": ("n/a", False), LYCORIS: ("ok", True),
     }  # fmt: skip
     assert v[DIFFUSERS].reasons == [
-        "its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of 7 module(s) make it "
-        f"raise 'The following keys have not been correctly renamed': {UNET_MODULES}"
+        ("its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of 7 module(s) make it "
+        f"raise 'The following keys have not been correctly renamed': {UNET_MODULES}")
     ]
     assert v[COMFYUI].reasons == [] and v[A1111].reasons == [SD1_NOTE] and v[LYCORIS].reasons == []
     assert v["PEFT PeftModel.from_pretrained"].reasons == [f"cannot be converted for it: peft files do not carry {kind} adapters"]
@@ -367,13 +370,13 @@ def test_doctor_dora_file_explains_the_axis_per_loader(tmp_path):
         f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so 7 DoRA module(s) load as plain LoRA: {UNET_MODULES}"
     )
     assert v[COMFYUI].reasons == [
-        "computes another weight for 7 DoRA module(s): their dora_scale is per output channel, and its weight_decompose "
+        ("computes another weight for 7 DoRA module(s): their dora_scale is per output channel, and its weight_decompose "
         "(comfy/weight_adapter/base.py) then divides by the base weight's row norms ||W||, not by those of W + ΔW: "
-        f"{UNET_MODULES}"
+        f"{UNET_MODULES}")
     ]
     assert v[A1111].reasons == [
-        "computes another weight for 7 DoRA module(s): its apply_weight_decompose (network.py) always normalises per "
-        f"input channel, and their dora_scale is per output channel: {UNET_MODULES}",
+        ("computes another weight for 7 DoRA module(s): its apply_weight_decompose (network.py) always normalises per "
+        f"input channel, and their dora_scale is per output channel: {UNET_MODULES}"),
         SD1_NOTE,
     ]
     assert v[LYCORIS].reasons == ["7 DoRA module(s) per output channel, as it rebuilds them (wd_on_out=True)"]
@@ -386,8 +389,8 @@ def test_doctor_input_axis_dora_file_loads_in_the_uis_not_in_convlora_or_lycoris
     _, v = _diagnosis(path)
     assert {name: x.status for name, x in v.items() if name in (COMFYUI, A1111, LYCORIS)} == {COMFYUI: "ok", A1111: "ok", LYCORIS: "no"}
     assert v["convlora (load_pipeline_lora / convert)"].reasons == [
-        f"{path}: {name}.dora_scale has shape (1, 4, 1, 1): a per-input-channel DoRA magnitude (LyCORIS's "
-        "wd_on_output=False); convlora computes DoRA over the output axis only, and the two are not convertible"
+        (f"{path}: {name}.dora_scale has shape (1, 4, 1, 1): a per-input-channel DoRA magnitude (LyCORIS's "
+        "wd_on_output=False); convlora computes DoRA over the output axis only, and the two are not convertible")
     ]
     assert v[LYCORIS].reasons == [
         f"its DoRA modules are per output channel (wd_on_out=True), and the dora_scale of 1 module(s) is per input channel: {name}"
