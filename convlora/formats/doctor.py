@@ -225,20 +225,7 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
             v.reasons += _kohya_alpha_losses(weights)
             if v.reasons and v.status == "ok":
                 v.status = "wrong"
-        kinds = sorted({k.rsplit(".", 1)[0] for k in keys if _lycoris_part(k) and not k.endswith(".dora_scale")})
-        dora = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".dora_scale")})
-        if kinds:
-            v.status = "no"
-            v.reasons.append(
-                f"its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of {len(kinds)} "
-                f"module(s) make it raise 'The following keys have not been correctly renamed': {_short(kinds, 4)}"
-            )
-        if dora:
-            v.status = "no" if v.status == "no" else "wrong"
-            v.reasons.append(
-                f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so {len(dora)} DoRA "
-                f"module(s) load as plain LoRA: {_short(dora, 4)}"
-            )
+        _add_diffusers_kind_losses(v, keys)
     else:
         used = [s for s in styles if s != "unknown"]
         if len(used) > 1:
@@ -257,6 +244,25 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
         v.status = "no"
         v.reasons.append("keys have no unet./text_encoder. prefix, so no pipeline component takes them")
     return v
+
+
+def _add_diffusers_kind_losses(v: Verdict, keys: list[str]) -> None:
+    """What diffusers' kohya import does with LyCORIS kinds (see the module docstring): LoHa / LoKr keys
+    make it raise, ``dora_scale`` keys are dropped."""
+    kinds = sorted({k.rsplit(".", 1)[0] for k in keys if _lycoris_part(k) and not k.endswith(".dora_scale")})
+    dora = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".dora_scale")})
+    if kinds:
+        v.status = "no"
+        v.reasons.append(
+            f"its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of {len(kinds)} "
+            f"module(s) make it raise 'The following keys have not been correctly renamed': {_short(kinds, 4)}"
+        )
+    if dora:
+        v.status = "no" if v.status == "no" else "wrong"
+        v.reasons.append(
+            f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so {len(dora)} DoRA "
+            f"module(s) load as plain LoRA: {_short(dora, 4)}"
+        )
 
 
 def _kohya_alpha_losses(weights: LoRAWeights) -> list[str]:

@@ -152,16 +152,21 @@ def to_kohya(
     if conv_rank is not None:
         conv_alpha = _kohya_alpha(conv_alpha, conv_rank, weights.use_rslora)
         args = {"conv_dim": str(conv_rank), "conv_alpha": _fmt(conv_alpha)}
-    kinds = [m.kind for m in weights.modules.values() if not m.is_plain_lora]
-    if kinds:
-        header["ss_network_module"] = "lycoris.kohya"
-        args = {**_lycoris_args(kinds), **args}
-        shapes = {name: list(weights.modules[path].base_shape) for name, path in origin.items()
-                  if not weights.modules[path].is_plain_lora and weights.modules[path].base_shape is not None}
-        header[BASE_SHAPES_KEY] = json.dumps(shapes, sort_keys=True)
+    if any(not m.is_plain_lora for m in weights.modules.values()):
+        args = {**_lycoris_header(weights, origin, header), **args}
     if args:
         header["ss_network_args"] = json.dumps(args)
     return tensors, header
+
+
+def _lycoris_header(weights: LoRAWeights, origin: Mapping[str, str], header: dict[str, str]) -> dict[str, str]:
+    """Mark ``header`` as LyCORIS's (``ss_network_module``, :data:`BASE_SHAPES_KEY` of the modules that
+    are not plain LoRA; ``origin``: kohya name -> path) and return its ``ss_network_args`` entries."""
+    header["ss_network_module"] = "lycoris.kohya"
+    others = {name: weights.modules[path] for name, path in origin.items() if not weights.modules[path].is_plain_lora}
+    shapes = {name: list(m.base_shape) for name, m in others.items() if m.base_shape is not None}
+    header[BASE_SHAPES_KEY] = json.dumps(shapes, sort_keys=True)
+    return _lycoris_args([m.kind for m in others.values()])
 
 
 def _lycoris_args(kinds: list[AdapterKind]) -> dict[str, str]:
