@@ -282,7 +282,10 @@ def _lycoris_modules_from_file(unet: nn.Module, path) -> list[nn.Module]:
     return applied
 
 
-@pytest.mark.parametrize("kind_name", ["loha", "lokr", "dora", "lokr-dora"])
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]  # 84 modules
+
+
+@pytest.mark.parametrize("kind_name", ["loha", "lokr", "dora", "loha-dora", "lokr-dora"])
 def test_a_tiny_unet_round_trips_through_kohya_files_and_lycoris_agrees(kind_name, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -292,14 +295,14 @@ def test_a_tiny_unet_round_trips_through_kohya_files_and_lycoris_agrees(kind_nam
     base = UNet2DConditionModel(**tiny_unet_config()).eval()
     unet = copy.deepcopy(base)
     options = {k: v for k, v in KINDS[kind_name].items() if k != "r"}
-    convlora.inject_lora(unet, convlora.LoRAConfig(r=2, target_modules=["to_q", "to_v", "conv1", "conv2", "proj_in"], **options))
+    convlora.inject_lora(unet, convlora.LoRAConfig(r=2, target_modules=UNET_TARGETS, **options))
     randomize_lora_(unet, seed=2, std=0.2)
     path = save_pipeline_lora(tmp_path / "k.safetensors", unet=unet, format="kohya")
     fresh = copy.deepcopy(base)
     load_pipeline_lora(path, unet=fresh)
     theirs = copy.deepcopy(base)
     applied = _lycoris_modules_from_file(theirs, path)
-    assert len(applied) == len(convlora.lora_layers(unet))
+    assert len(applied) == len(convlora.lora_layers(unet)) == 84
     args = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 32))
     with torch.no_grad():
         ours, plain = unet(*args).sample, base(*args).sample
