@@ -140,7 +140,7 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
     ]
     # A kohya file of LyCORIS kinds is made for the LyCORIS loaders, not diffusers' kohya import.
     lycoris_kinds = any(_lycoris_part(k) for k in keys)
-    own = {"diffusers": (0, 1), "kohya": (0, 2, 3, 5) if lycoris_kinds else (0, 1, 2, 3), "peft": (0, 4), "native": (0,)}[fmt]
+    own = {"diffusers": (0, 1), "kohya": (0, 2, 3, 5) if lycoris_kinds else (0, 1, 2, 3, 5), "peft": (0, 4), "native": (0,)}[fmt]
     for index in own:
         verdicts[index].primary = True
     values = _value_problems(tensors, header, weights)
