@@ -465,3 +465,16 @@ def test_rslora_adapters_of_other_kinds_are_written_with_the_equivalent_alpha(ki
         ours = model(x)
         assert relative_error(_lycoris_applied(base, path)(x), ours) < REL
         assert relative_error(_read_back(base, path)(x), ours) < 1e-6
+
+
+def test_the_command_line_doctor_passes_a_loha_file_and_fails_a_dora_file(tmp_path, capsys):
+    from convlora.cli import main
+
+    loha = _unet_file(tmp_path, kind="loha")
+    assert main(["doctor", loha]) == 0
+    out = capsys.readouterr().out
+    assert "[   ok] LyCORIS (lycoris.kohya.create_network_from_weights)\n" in out and "  kinds: loha x7" not in out
+    assert "kinds: loha x7\n" in out and "[   no] diffusers StableDiffusionPipeline.load_lora_weights  (other format)" in out
+    (tmp_path / "dora").mkdir()
+    assert main(["doctor", _unet_file(tmp_path / "dora", kind="dora")]) == 1
+    assert "[wrong] ComfyUI (LoraLoader)\n" in capsys.readouterr().out
