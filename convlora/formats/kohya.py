@@ -170,8 +170,9 @@ def _lycoris_header(weights: LoRAWeights, origin: Mapping[str, str], header: dic
 
 
 def _lycoris_args(kinds: list[AdapterKind]) -> dict[str, str]:
-    """The ``ss_network_args`` LyCORIS's ``lycoris.kohya.create_network`` reads for these kinds (strings,
-    as sd-scripts records ``--network_args``): ``algo`` of the most common kind, ``dora_wd`` and
+    """The ``ss_network_args`` LyCORIS's ``lycoris.kohya.create_network`` reads for these kinds (strings:
+    sd-scripts' ``train_network.py`` records ``json.dumps`` of the ``--network_args`` ``key=value`` pairs
+    and ``ss_network_module`` as given, ``lycoris.kohya``): ``algo`` of the most common kind, ``dora_wd`` and
     ``wd_on_output`` with DoRA, ``factor`` / ``decompose_both`` of the most common LoKr options."""
     name = Counter(k.name for k in kinds).most_common(1)[0][0]
     args = {"algo": LYCORIS_ALGOS[name]}
