@@ -359,7 +359,7 @@ def test_a_unet_adapter_of_every_kind_round_trips_through_a_native_pipeline_file
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@pytest.mark.parametrize("fmt", ["diffusers"])
 def test_formats_that_do_not_carry_a_kind_refuse_it_by_name_and_write_nothing(fmt, tmp_path):
     from convlora.diffusion.pipeline import save_pipeline_lora
 

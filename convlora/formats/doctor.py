@@ -18,6 +18,16 @@ loader's format — the verdict says how to convert). The rules restate what the
   (kohya's sd-scripts read alpha 0 as alpha = rank, A1111 and ComfyUI as a switched-off module).
 - PEFT ``PeftModel.from_pretrained``: a folder with ``adapter_config.json``; modules outside its
   ``target_modules`` are dropped; ``rank_pattern`` must give each module its tensor rank.
+- LoHa / LoKr / DoRA in kohya files (LyCORIS's keys, :mod:`convlora.formats.kohya`): ComfyUI and
+  A1111 read LoHa and LoKr fully (:mod:`convlora.formats.ui_loaders`); diffusers 0.42's kohya
+  import renames only ``lora_down`` / ``lora_up`` / ``alpha`` and raises on the others
+  (``lora_conversion_utils._convert_non_diffusers_lora_to_diffusers``: "The following keys have not
+  been correctly renamed"), and ``StableDiffusionLoraLoaderMixin.lora_state_dict`` drops every
+  ``dora_scale`` key (a DoRA file loads as plain LoRA). The DoRA axis: convlora, PEFT and diffusers
+  normalise per output channel; LyCORIS per output channel with ``wd_on_out=True`` (its default, and
+  what ``make_module_from_state_dict`` rebuilds -- a ``(1, in, ...)`` scale does not even copy into
+  that), per input channel with ``wd_on_out=False``; ComfyUI and A1111 see
+  :mod:`convlora.formats.ui_loaders` (neither computes convlora's output-axis DoRA).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from convlora.formats.kohya import KOHYA_PREFIXES, kohya_name, kohya_name_to_pat
 from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
 from convlora.formats.peft import ADAPTER_CONFIG, KEY_PREFIX, rank_for
 from convlora.formats.ui_loaders import UNetNames, a1111_target, a1111_unet_name, a1111_view, comfyui_maps, comfyui_view
-from convlora.formats.weights import COMPONENTS, LoRAFormatError, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
+from convlora.formats.weights import COMPONENTS, FORMAT_KINDS, LoRAFormatError, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
 from convlora.layers import LORA_CLASSES
 from convlora.io import read_safetensors
 from convlora.state import scaling_for
@@ -126,8 +136,11 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
         _comfyui_verdict(fmt, file, unet_names),
         _a1111_verdict(fmt, file, unet_names),
         _peft_verdict(fmt, path if is_peft_folder else None, weights),
+        _lycoris_verdict(fmt, file),
     ]
-    own = {"diffusers": (0, 1), "kohya": (0, 1, 2, 3), "peft": (0, 4), "native": (0,)}[fmt]
+    # A kohya file of LyCORIS kinds is made for the LyCORIS loaders, not diffusers' kohya import.
+    lycoris_kinds = any(_lycoris_part(k) for k in keys)
+    own = {"diffusers": (0, 1), "kohya": (0, 2, 3, 5) if lycoris_kinds else (0, 1, 2, 3, 5), "peft": (0, 4), "native": (0,)}[fmt]
     for index in own:
         verdicts[index].primary = True
     values = _value_problems(tensors, header, weights)
@@ -142,7 +155,16 @@ _LOADERS = (
     "ComfyUI (LoraLoader)",
     "AUTOMATIC1111 (extensions-builtin/Lora)",
     "PEFT PeftModel.from_pretrained",
+    "LyCORIS (lycoris.kohya.create_network_from_weights)",
 )
+
+#: Key parts of LyCORIS's kinds in kohya files (``<name>.<part>``).
+_LYCORIS_PARTS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b",
+                  ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".dora_scale")
+
+
+def _lycoris_part(key: str) -> bool:
+    return key.endswith(_LYCORIS_PARTS)
 
 
 def _describe(weights: LoRAWeights) -> list[str]:
@@ -154,7 +176,21 @@ def _describe(weights: LoRAWeights) -> list[str]:
         "rank: " + ", ".join(f"{r} x{n}" for r, n in ranks.most_common()),
         "alpha: " + ", ".join(f"{a:g} x{n}" for a, n in alphas.most_common()) + (" (rsLoRA)" if weights.use_rslora else ""),
     ]
+    kinds = Counter(m.kind.label for m in weights.modules.values())
+    if set(kinds) != {"lora"}:
+        lines.append("kinds: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
+    if any(m.kind.use_dora for m in weights.modules.values()):
+        lines.append(DORA_AXIS_NOTE)
     return lines
+
+
+#: The DoRA axis per target, as the doctor's summary states it for a file with DoRA.
+DORA_AXIS_NOTE = (
+    "DoRA axis: convlora's magnitude is per output channel (as PEFT and diffusers compute it; in kohya files "
+    "dora_scale (out, 1, ...), as LyCORIS writes and loads it with wd_on_out=True, its default; LyCORIS's "
+    "wd_on_out=False is per input channel); ComfyUI takes the axis from dora_scale's shape but divides by the "
+    "base weight's norms on the output axis; A1111 always normalises per input channel"
+)
 
 
 def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
@@ -163,10 +199,10 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
     xl = weights is not None and is_sdxl(weights)  # SDXL's loader renumbers LDM names itself
     v = Verdict(f"diffusers StableDiffusion{'XL' if xl else ''}Pipeline.load_lora_weights", "ok")
     if fmt == "native":
-        return Verdict(v.loader, "n/a", _unportable(weights) or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
+        return Verdict(v.loader, "n/a", _unportable(weights, fmt="diffusers") or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
     if fmt == "peft":
         return Verdict(
-            v.loader, "n/a", _unportable(weights) or ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
+            v.loader, "n/a", _unportable(weights, fmt="diffusers") or ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
         )
     no_lora = [k for k in keys if "lora" not in k]
     if no_lora:
@@ -189,6 +225,7 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
             v.reasons += _kohya_alpha_losses(weights)
             if v.reasons and v.status == "ok":
                 v.status = "wrong"
+        _add_diffusers_kind_losses(v, keys)
     else:
         used = [s for s in styles if s != "unknown"]
         if len(used) > 1:
@@ -207,6 +244,25 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
         v.status = "no"
         v.reasons.append("keys have no unet./text_encoder. prefix, so no pipeline component takes them")
     return v
+
+
+def _add_diffusers_kind_losses(v: Verdict, keys: list[str]) -> None:
+    """What diffusers' kohya import does with LyCORIS kinds (see the module docstring): LoHa / LoKr keys
+    make it raise, ``dora_scale`` keys are dropped."""
+    kinds = sorted({k.rsplit(".", 1)[0] for k in keys if _lycoris_part(k) and not k.endswith(".dora_scale")})
+    dora = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".dora_scale")})
+    if kinds:
+        v.status = "no"
+        v.reasons.append(
+            f"its kohya import renames only lora_down / lora_up / alpha, so the LoHa / LoKr keys of {len(kinds)} "
+            f"module(s) make it raise 'The following keys have not been correctly renamed': {_short(kinds, 4)}"
+        )
+    if dora:
+        v.status = "no" if v.status == "no" else "wrong"
+        v.reasons.append(
+            f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so {len(dora)} DoRA "
+            f"module(s) load as plain LoRA: {_short(dora, 4)}"
+        )
 
 
 def _kohya_alpha_losses(weights: LoRAWeights) -> list[str]:
@@ -293,6 +349,8 @@ class _FileKeys:
         if path is None:
             return None
         module = self.weights.modules[path]
+        if module.kind.name == "lokr" and not {"lokr_w1_a", "lokr_w2_a"} & set(module.factors):
+            return 1.0  # no factorised side: no alpha / r (kinds.LoKrAdapter.trained_scaling)
         return scaling_for(module.r, module.alpha, self.weights.use_rslora)
 
     def kohya_stem(self, stem: str) -> str | None:
@@ -338,6 +396,14 @@ def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) ->
             f"never from {METADATA_KEY}), alpha/r -> applied: {_short(off)}"
         )
     v.status = "no" if view.skipped else "wrong" if off else "ok"
+    output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
+    if output_axis:
+        v.reasons.append(
+            f"computes another weight for {len(output_axis)} DoRA module(s): their dora_scale is per output channel, "
+            "and its weight_decompose (comfy/weight_adapter/base.py) then divides by the base weight's row norms "
+            f"||W||, not by those of W + ΔW: {_short(output_axis, 4)}"
+        )
+        v.status = "no" if v.status == "no" else "wrong"
     renamed = [file.kohya_stem(s) for s in view.skipped + [o.split(" (")[0] for o in off]]
     v.reasons += _kohya_fix(fmt, file, renamed, lambda k: comfyui_maps(k, unet_names), unet_names)
     v.reasons += _no_alpha_note(fmt, file)
@@ -376,6 +442,18 @@ def _a1111_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> V
     if off:
         v.reasons.append(f"{len(off)} module(s) get another scale (alpha only from .alpha tensors, else 1), alpha/r -> applied: {_short(off)}")
     v.status = "no" if view.skipped or view.misplaced else "wrong" if off else "ok"
+    if view.unaccepted:
+        v.status = "no"
+        v.reasons.insert(0, f"fails to load the whole file ('Could not find a module type' in networks.py load_network): no "
+                            f"module type accepts the keys of {len(view.unaccepted)} module(s): {_short(view.unaccepted, 4)}")
+    output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
+    if output_axis:
+        v.reasons.append(
+            f"computes another weight for {len(output_axis)} DoRA module(s): its apply_weight_decompose (network.py) "
+            "always normalises per input channel, and their dora_scale is per output channel: "
+            f"{_short(output_axis, 4)}"
+        )
+        v.status = "no" if v.status == "no" else "wrong"
     problems = [s for s in view.skipped if s not in dotted] + list(view.misplaced) + [o.split(" (")[0] for o in off]
     renamed = [file.kohya_stem(s) for s in problems] + [k for s in dotted for k in file.kohya_stems_under(s)]
     v.reasons += _kohya_fix(fmt, file, renamed, lambda k: a1111_target(k, unet_names) == "", unet_names)
@@ -400,7 +478,7 @@ def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet
     """
     if not renamed:
         return []
-    unportable = _unportable(file.weights)
+    unportable = _unportable(file.weights, fmt="kohya")
     if unportable:
         return unportable
     if file.weights is not None and file.weights.unprefixed() and fmt != "kohya":
@@ -503,7 +581,7 @@ def _peft_verdict(fmt, folder, weights) -> Verdict:
     if folder is None:
         return Verdict(
             loader, "n/a",
-            _unportable(weights, allow_groups=True) or ["needs an adapter folder: `convlora convert FILE DIR --to peft [--component unet]`"],
+            _unportable(weights, allow_groups=True, fmt="peft") or ["needs an adapter folder: `convlora convert FILE DIR --to peft [--component unet]`"],
         )  # fmt: skip
     v = Verdict(loader, "ok")
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
@@ -521,10 +599,33 @@ def _peft_verdict(fmt, folder, weights) -> Verdict:
     return v
 
 
-def _unportable(weights: LoRAWeights | None, allow_groups: bool = False) -> list[str]:
-    """Why ``convlora convert`` refuses these weights for a loader (conv geometry it gets wrong)."""
+def _lycoris_verdict(fmt: str, file: _FileKeys) -> Verdict:
+    """What LyCORIS's ``lycoris.kohya.create_network_from_weights`` makes of the adapter kinds of a kohya
+    file (module names are not checked: it maps ``lora_unet_`` / ``lora_te_`` + the model's own module
+    paths). Its ``make_module_from_state_dict`` (``lycoris/modules/locon.py`` / ``loha.py`` / ``lokr.py``)
+    builds DoRA modules with ``wd_on_out=True`` and copies ``dora_scale`` into their ``(out, 1, ...)``
+    magnitude, so a per-input-channel ``(1, in, ...)`` one fails to load."""
+    loader = _LOADERS[5]
+    if fmt != "kohya":
+        return Verdict(loader, "n/a", ["reads kohya-format files: `convlora convert FILE OUT --to kohya`"])
+    view = a1111_view(file.shapes, file.alphas)  # LyCORIS reads the same parts of a module (no names)
+    input_axis = sorted(s for s, axis in view.dora.items() if axis == "input")
+    if input_axis:
+        return Verdict(loader, "no", [f"its DoRA modules are per output channel (wd_on_out=True), and the dora_scale of "
+                                      f"{len(input_axis)} module(s) is per input channel: {_short(input_axis, 4)}"])
+    dora = len(view.dora)
+    reasons = [f"{dora} DoRA module(s) per output channel, as it rebuilds them (wd_on_out=True)"] if dora else []
+    return Verdict(loader, "ok", reasons)
+
+
+def _unportable(weights: LoRAWeights | None, allow_groups: bool = False, fmt: str | None = None) -> list[str]:
+    """Why ``convlora convert`` refuses these weights for a loader: adapter kinds ``fmt``'s files do not
+    carry (:data:`FORMAT_KINDS`), conv geometry it gets wrong."""
     if weights is None:
         return []
+    kinds = sorted({m.kind.label for m in weights.modules.values()} - FORMAT_KINDS.get(fmt, FORMAT_KINDS["native"]))
+    if kinds:
+        return [f"cannot be converted for it: {fmt} files do not carry {', '.join(kinds)} adapters"]
     problems = conv_geometry_problems({p: m.geometry for p, m in weights.modules.items()}, allow_groups)
     if not problems:
         return []
@@ -547,8 +648,6 @@ def _check_base(weights: LoRAWeights, base: dict[str, nn.Module]) -> list[str]:
             if type(named[target]) not in LORA_CLASSES:
                 problems.append(f"{component}.{path}: the base's {target} is a {type(named[target]).__name__}, not a layer LoRA wraps")
             elif not fits_module(named[target], modules[path]):
-                problems.append(
-                    f"{component}.{path}: lora_A {tuple(modules[path].lora_A.shape)} / lora_B "
-                    f"{tuple(modules[path].lora_B.shape)} do not fit base weight {tuple(named[target].weight.shape)}"
-                )
+                shapes = " / ".join(f"{n} {tuple(t.shape)}" for n, t in modules[path].tensors.items())
+                problems.append(f"{component}.{path}: {shapes} do not fit base weight {tuple(named[target].weight.shape)}")
     return problems

@@ -30,6 +30,26 @@ AUTOMATIC1111
     model, ``lora_unet_`` is replaced by ``diffusion_model_`` (how LDM-named files load). Text
     encoders: ``lora_te_text_model_encoder_layers_N_<rest>`` -> the CLIP module of that name (SD-1.x).
     Scale: ``<name>.alpha / rank``, and 1 without ``.alpha``.
+
+LyCORIS kinds (both UIs; :func:`lycoris_module` states the rules)
+    ComfyUI's ``comfy/lora.py`` ``load_lora`` reads ``<name>.alpha`` and ``<name>.dora_scale``, then
+    offers the module to each adapter of ``comfy/weight_adapter``: ``LoRAAdapter.load`` (lora.py; an
+    up key), ``LoHaAdapter.load`` (loha.py; ``hada_w1_a`` present, the other three read),
+    ``LoKrAdapter.load`` (lokr.py; any of ``lokr_w1`` / ``lokr_w2`` / ``lokr_w1_a`` / ``lokr_w2_a``).
+    A1111's ``networks.py`` ``load_network`` gives the module to the first of its module types that
+    accepts its parts (``network_lora.py``: ``lora_up.weight`` and ``lora_down.weight``;
+    ``network_hada.py``: all four ``hada_*``; ``network_lokr.py``: a W1 and a W2) and raises
+    ``Could not find a module type`` -- the whole file fails -- when none does. Both scale LoHa by
+    ``alpha / hada_w1_b.shape[0]`` and LoKr by ``alpha / lokr_w2_b.shape[0]`` (else ``lokr_w1_b``),
+    **1** when neither LoKr side is factorised or there is no ``.alpha``.
+
+DoRA (``dora_scale``; :func:`dora_axis`)
+    ComfyUI's ``comfy/weight_adapter/base.py`` ``weight_decompose`` takes the axis from the shape:
+    ``dora_scale.shape[0] == out`` is per output channel, and then it divides by the row norms of the
+    *base* weight ``||W||``, not of ``W + ΔW`` (earlier versions always normalised per input
+    channel); otherwise per input channel, of ``W + ΔW``, which is LyCORIS's ``wd_on_out=False``
+    DoRA. A1111's ``network.py`` ``NetworkModule.apply_weight_decompose`` always normalises per input
+    channel, so a per-output-channel ``(out, 1, ...)`` magnitude broadcasts into another weight.
 """
 
 from __future__ import annotations
@@ -48,7 +68,49 @@ COMFYUI_PARTS = (
     ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", "_lora.up.weight", "_lora.down.weight",
     ".lora_B.weight", ".lora_A.weight", ".lora.up.weight", ".lora.down.weight",
     ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".lora_B", ".lora_A", ".alpha",
+    ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w2",
+    ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".dora_scale",
 )  # fmt: skip
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclass(frozen=True)
+class LycorisModule:
+    """One module of a file as both UIs read its LyCORIS kind: which kind, the rank alpha divides by
+    (``None``: scale 1), its output size and DoRA's ``dora_scale`` shape (``None`` without DoRA)."""
+
+    kind: str
+    rank: int | None
+    n_out: int
+    dora_shape: tuple[int, ...] | None
+
+
+def lycoris_module(parts: Mapping[str, tuple[int, ...]], comfyui: bool) -> LycorisModule | None:
+    """How ComfyUI (``comfyui``) or A1111 reads a LoHa / LoKr module from its parts (``"hada_w1_a"`` ->
+    shape, no leading dot), or ``None`` when it has no such module (see the module docstring)."""
+    dora = parts.get("dora_scale")
+    if (comfyui and "hada_w1_a" in parts) or (not comfyui and all(p in parts for p in _HADA)):
+        if not all(p in parts for p in _HADA):  # ComfyUI's LoHaAdapter.load reads all four: a KeyError
+            return None
+        return LycorisModule("loha", parts["hada_w1_b"][0], parts["hada_w1_a"][0], dora)
+    w1 = parts.get("lokr_w1") or _product(parts, "lokr_w1")
+    w2 = parts.get("lokr_w2") or _product(parts, "lokr_w2")
+    has_any = any(p in parts for p in ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a"))
+    if (comfyui and not has_any) or w1 is None or w2 is None:  # ComfyUI: its kron of a missing side fails
+        return None
+    factorised = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+    return LycorisModule("lokr", factorised[0] if factorised else None, w1[0] * w2[0], dora)
+
+
+def _product(parts: Mapping[str, tuple[int, ...]], side: str) -> tuple[int, int] | None:
+    a, b = parts.get(side + "_a"), parts.get(side + "_b")
+    return (a[0], b[-1]) if a and b else None
+
+
+def dora_axis(dora_shape: tuple[int, ...], n_out: int) -> str:
+    """``"output"`` for a per-output-channel ``dora_scale`` (LyCORIS's ``(out, 1, *1s)``, ComfyUI's test
+    ``shape[0] == out``), else ``"input"``."""
+    return "output" if len(dora_shape) >= 1 and dora_shape[0] == n_out else "input"
 
 _UNET_BLOCK = r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
 _TRANSFORMER_LEAF = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|norm[123])"
@@ -75,6 +137,10 @@ class LoaderView:
     """Module names (or, for unreadable parts, keys) the loader does not apply."""
     misplaced: dict[str, str] = field(default_factory=dict)
     """Module name -> the other module it is applied to instead (A1111's SD-1.x numbering)."""
+    dora: dict[str, str] = field(default_factory=dict)
+    """Module name -> the axis of its ``dora_scale`` (:func:`dora_axis`), for modules applied with DoRA."""
+    unaccepted: list[str] = field(default_factory=list)
+    """Module names whose parts no module type accepts (A1111 then fails to load the whole file)."""
 
     def add_scale(self, stem: str, alpha_key: str | None, rank: int, alphas: Mapping[str, float]) -> None:
         """Record the scale both UIs apply: ``alpha / rank`` from the ``.alpha`` tensor, 1 without one;
@@ -115,10 +181,16 @@ def comfyui_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], u
     view = LoaderView(skipped=sorted(rest))
     for stem, parts in groups.items():
         down = next((parts[p] for p in parts if p.endswith(("down.weight", "lora_A.weight", ".lora_A"))), None)
-        if down is None or not comfyui_maps(stem, unet_names):
+        up = next((parts[p] for p in parts if p.endswith(("up.weight", "lora_B.weight", ".lora_B"))), None)
+        other = None if down is not None else lycoris_module({p[1:]: shapes[k] for p, k in parts.items()}, comfyui=True)
+        if (down is None and other is None) or not comfyui_maps(stem, unet_names):
             view.skipped.append(stem)
             continue
-        view.add_scale(stem, parts.get(".alpha"), shapes[down][0], alphas)
+        rank = shapes[down][0] if down is not None else other.rank
+        view.add_scale(stem, parts.get(".alpha") if rank is not None else None, rank, alphas)
+        if ".dora_scale" in parts:
+            n_out = shapes[up][0] if down is not None and up is not None else other.n_out if other else 0
+            view.dora[stem] = dora_axis(shapes[parts[".dora_scale"]], n_out)
     return view
 
 
@@ -200,13 +272,22 @@ def a1111_view(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], une
         stems.setdefault(stem, {})[part] = key
     for stem, parts in stems.items():
         down = parts.get("lora_down.weight") or parts.get("lora_A.weight")
+        up = parts.get("lora_up.weight") or parts.get("lora_B.weight")
         target = a1111_target(stem, unet_names)
-        if target is None or down is None:
+        other = None if down is not None else lycoris_module({p: shapes[k] for p, k in parts.items()}, comfyui=False)
+        if target is None:
             view.skipped.append(stem)
+            continue
+        if down is None and other is None:
+            view.unaccepted.append(stem)
             continue
         if target != "":
             view.misplaced[stem] = target
-        view.add_scale(stem, parts.get("alpha"), shapes[down][0], alphas)
+        rank = shapes[down][0] if down is not None else other.rank
+        view.add_scale(stem, parts.get("alpha") if rank is not None else None, rank, alphas)
+        if "dora_scale" in parts:
+            n_out = shapes[up][0] if up is not None else other.n_out if other else 0
+            view.dora[stem] = dora_axis(shapes[parts["dora_scale"]], n_out)
     return view
 
 

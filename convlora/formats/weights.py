@@ -81,20 +81,21 @@ class LoRAModule:
 
     @property
     def is_conv(self) -> bool:
+        """Whether the base is a conv: from :attr:`base_shape`, else from tensors that keep the kernel
+        (LoRA's A, LoKr's whole ``lokr_w2``, DoRA's ``magnitude`` does not); flattened factors with no
+        recorded shape count as not a conv."""
         if self.base_shape is not None:
             return len(self.base_shape) > 2
-        if self.kind.name == "lora":
-            return self.lora_A.dim() > 2
-        return "lokr_w2" in self.factors and self.factors["lokr_w2"].dim() > 2
+        kept = self.lora_A if self.kind.name == "lora" else self.factors.get("lokr_w2")
+        return kept is not None and kept.dim() > 2
 
     @property
     def is_spatial_conv(self) -> bool:
-        """A conv whose kernel is larger than 1 (kohya's ``conv_dim`` layers)."""
+        """A conv whose kernel is larger than 1 (kohya's ``conv_dim`` layers); see :attr:`is_conv`."""
         if self.base_shape is not None:
             return any(k > 1 for k in self.base_shape[2:])
-        if self.kind.name == "lora":
-            return self.is_conv and any(k > 1 for k in self.lora_A.shape[2:])
-        return self.is_conv and any(k > 1 for k in self.factors["lokr_w2"].shape[2:])
+        kept = self.lora_A if self.kind.name == "lora" else self.factors.get("lokr_w2")
+        return self.is_conv and any(k > 1 for k in kept.shape[2:])
 
 
 @dataclass
@@ -199,7 +200,7 @@ def uses_rslora(*models: nn.Module | None, adapter_name: str | None = None) -> b
 FORMAT_KINDS: dict[str, frozenset[str]] = {
     "native": frozenset({"lora", "dora", "loha", "lokr", "loha+dora", "lokr+dora"}),
     "diffusers": frozenset({"lora", "dora"}),
-    "kohya": frozenset({"lora"}),
+    "kohya": frozenset({"lora", "dora", "loha", "lokr", "loha+dora", "lokr+dora"}),
     "peft": frozenset({"lora", "dora", "loha", "lokr"}),
 }
 

@@ -143,11 +143,17 @@ def test_kohya_leftovers_are_named(tmp_path):
     tensors = {
         "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
         "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1),
-        "lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2),
+        "lora_unet_conv_in.lokr_t2": torch.zeros(2, 2, 3, 3),
     }
-    write_safetensors(tensors, tmp_path / "loha.safetensors")
-    with pytest.raises(LoRAFormatError, match=r"1 key\(s\) are not LoRA weights convlora understands: lora_unet_conv_in\.hada_w1_a"):
-        read_lora_file(tmp_path / "loha.safetensors")
+    write_safetensors(tensors, tmp_path / "tucker.safetensors")
+    with pytest.raises(LoRAFormatError, match=r"1 key\(s\) are not LoRA weights convlora understands: lora_unet_conv_in\.lokr_t2 "
+                       r"\(convlora imports LoRA / LoCon, LoHa, LoKr and DoRA; no Tucker-decomposed convs"):
+        read_lora_file(tmp_path / "tucker.safetensors")
+    tensors["lora_unet_conv_in.hada_w1_a"] = tensors.pop("lora_unet_conv_in.lokr_t2")
+    write_safetensors(tensors, tmp_path / "mixed.safetensors")
+    with pytest.raises(LoRAFormatError, match=r"lora_unet_conv_in mixes the tensors of several adapter kinds: lora_unet_conv_in\.hada_w1_a, "
+                       r"lora_unet_conv_in\.lora_down\.weight, lora_unet_conv_in\.lora_up\.weight$"):
+        read_lora_file(tmp_path / "mixed.safetensors")
 
 
 def test_lone_down_matrix_is_named(tmp_path):

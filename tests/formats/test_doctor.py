@@ -210,7 +210,7 @@ def test_kohya_alpha_that_is_not_positive_and_finite_fails_every_loader(tmp_path
         tmp_path / "k.safetensors",
     )  # fmt: skip
     diagnosis = diagnose(tmp_path / "k.safetensors")
-    assert [v.status for v in diagnosis.verdicts] == ["no"] * 5
+    assert [v.status for v in diagnosis.verdicts] == ["no"] * 6
     expected = (
         "1 alpha(s) are not a positive finite number, which loaders read differently (kohya's sd-scripts take 0 as "
         "alpha = rank; A1111, ComfyUI, diffusers and convlora scale by alpha / rank, so 0 switches a module off and a "
@@ -226,6 +226,6 @@ def test_nan_alpha_in_diffusers_metadata_fails_every_loader(tmp_path):
     meta["unet.lora_alpha"] = float("nan")
     write_safetensors(tensors, tmp_path / "nan_alpha.safetensors", {**header, "lora_adapter_metadata": json.dumps(meta)})
     diagnosis = diagnose(tmp_path / "nan_alpha.safetensors")
-    assert [v.status for v in diagnosis.verdicts] == ["no"] * 5
+    assert [v.status for v in diagnosis.verdicts] == ["no"] * 6
     # convlora's reader may refuse the header itself; every other loader is told why
     assert all(any("alpha(s) are not a positive finite number" in r for r in v.reasons) for v in diagnosis.verdicts[1:])
