@@ -109,12 +109,15 @@ def test_doctor_mixed_styles_and_unknown_suffixes(adapted, tmp_path, capsys):
     mixed[key.replace(".lora_A.weight", ".lora.down.weight")] = mixed.pop(key)
     mixed[key.replace(".lora_A.weight", ".lora.up.weight")] = mixed.pop(key.replace("lora_A", "lora_B"))
     mixed["unet.conv_in.lora_magnitude_vector"] = torch.ones(32)
+    mixed["unet.conv_in.lora_extra"] = torch.ones(1)
     write_safetensors(mixed, tmp_path / "mixed.safetensors", header)
     assert main(["doctor", str(tmp_path / "mixed.safetensors")]) == 1
     out = capsys.readouterr().out
     assert "[   no] convlora" in out and "lora_magnitude_vector" in out
     assert "mixed key styles" in out and "the others are silently dropped" in out
-    assert "unknown key suffixes: unet.conv_in.lora_magnitude_vector" in out
+    assert "unknown key suffixes: unet.conv_in.lora_extra" in out
+    assert ("unet: 1 of 118 module(s) have a lora_magnitude_vector, but its LoraConfig has one use_dora for the whole "
+            "component, so it computes another function for some of them") in out
 
 
 def test_doctor_kohya_alpha_loss_and_missing_modules(adapted, pipeline_dir, tmp_path, capsys):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -84,8 +84,8 @@ def to_diffusers(weights: LoRAWeights) -> tuple[dict[str, torch.Tensor], dict[st
             key = f"{component}.{nested_clip_path(path) if is_text else path}"
             tensors[f"{key}.lora_A.weight"] = module.lora_A
             tensors[f"{key}.lora_B.weight"] = module.lora_B
-            if use_dora:  # text encoders: ".weight" too, see the module docstring
-                tensors[f"{key}.{MAGNITUDE}" + (".weight" if is_text else "")] = magnitude_to_peft(module)
+            if use_dora:
+                tensors[f"{key}.{MAGNITUDE}{magnitude_suffix(component)}"] = magnitude_to_peft(module)
         # PEFT matches config names as path suffixes: the flattened CLIP name fits both spellings.
         names = {_flat_clip_path(p) if is_text else p: m for p, m in modules.items()}
         fields = {**lora_config_kwargs(names, weights.use_rslora), **({"use_dora": True} if use_dora else {})}
@@ -93,6 +93,19 @@ def to_diffusers(weights: LoRAWeights) -> tuple[dict[str, torch.Tensor], dict[st
             adapter_metadata[f"{component}.{field}"] = value
     header = {"format": "pt", METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True), **weights.metadata}
     return tensors, header
+
+
+def magnitude_suffix(component: str) -> str:
+    """What follows ``lora_magnitude_vector`` in the key of a component's DoRA magnitude: ``.weight`` for
+    text encoders (transformers' ``load_adapter``, see the module docstring), nothing for the UNet (whose
+    ``set_peft_model_state_dict`` loads both spellings; tests/formats/test_doctor_kinds.py measures it)."""
+    return ".weight" if component.startswith("text_encoder") else ""
+
+
+def ignored_magnitude_keys(keys: Iterable[str]) -> list[str]:
+    """The DoRA magnitude keys diffusers' ``load_lora_weights`` silently leaves unused: a text encoder's
+    ``<key>.lora_magnitude_vector`` without ``.weight`` (the magnitude stays at PEFT's initial value)."""
+    return sorted(k for k in keys if k.startswith("text_encoder") and k.endswith(f".{MAGNITUDE}"))
 
 
 def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "file") -> LoRAWeights:

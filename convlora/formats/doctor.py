@@ -45,10 +45,20 @@ from torch import nn
 
 from convlora.formats import read_lora_file
 from convlora.formats.detect import detect_format, lora_file_of
-from convlora.formats.diffusers import METADATA_KEY
+from convlora.formats.diffusers import METADATA_KEY, ignored_magnitude_keys
 from convlora.formats.kohya import KOHYA_PREFIXES, kohya_name, kohya_name_to_path, unet_layout_of
 from convlora.formats.ldm_names import LDM_FLAT_NAME, LDMNames
-from convlora.formats.peft import ADAPTER_CONFIG, KEY_PREFIX, rank_for
+from convlora.formats.peft import ADAPTER_CONFIG, KEY_PREFIX, LYCORIS_DEFAULT, rank_for
+from convlora.formats.peft_kinds import (
+    LOKR_NAMES,
+    MAGNITUDE,
+    TUCKER_NAMES,
+    dora_grouped_problems,
+    is_peft_conv1d_full_kron,
+    lokr_base_shape,
+    lycoris_write_problems,
+    peft_lokr_shapes,
+)
 from convlora.formats.ui_loaders import UNetNames, a1111_target, a1111_unet_name, a1111_view, comfyui_maps, comfyui_view
 from convlora.formats.weights import COMPONENTS, FORMAT_KINDS, LoRAFormatError, LoRAWeights, conv_geometry_problems, fits_module, resolve_paths
 from convlora.layers import LORA_CLASSES
@@ -57,7 +67,7 @@ from convlora.state import scaling_for
 
 # key style -> pattern of its keys
 _STYLES = {
-    "PEFT (lora_A/lora_B)": re.compile(r"\.lora_[AB]\.weight$"),
+    "PEFT (lora_A/lora_B)": re.compile(r"\.(lora_[AB]\.weight|lora_magnitude_vector(\.weight)?)$"),
     "old diffusers (lora.down/up)": re.compile(r"(\.lora\.(down|up)|\.lora_linear_layer\.(down|up)|_lora\.(down|up))\.weight$"),
     "kohya (lora_down/lora_up/alpha)": re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha)$"),
     "convlora native (lora_A/lora_B)": re.compile(r"\.lora_[AB]$"),
@@ -112,6 +122,8 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
         fmt = "peft" if is_peft_folder else detect_format(keys, header)
     except ValueError as err:
         verdicts = [Verdict(name, "no", ["no LoRA keys"], primary=True) for name in _LOADERS]
+        if any(_lycoris_part(k) and not k.endswith(".dora_scale") for k in keys):  # e.g. unet.<path>.hada_w1_a: a diffusers-spelled LoHa / LoKr
+            verdicts[1].reasons = [_no_lora_keys(keys)]
         return Diagnosis(Path(path), None, [f"format: none ({err})"], verdicts)
     summary = [f"format: {fmt}, {len(keys)} tensors"]
     try:
@@ -135,7 +147,7 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
         _diffusers_verdict(fmt, keys, header, styles, weights),
         _comfyui_verdict(fmt, file, unet_names),
         _a1111_verdict(fmt, file, unet_names),
-        _peft_verdict(fmt, path if is_peft_folder else None, weights),
+        _peft_verdict(fmt, path if is_peft_folder else None, weights, tensors),
         _lycoris_verdict(fmt, file),
     ]
     # A kohya file of LyCORIS kinds is made for the LyCORIS loaders, not diffusers' kohya import.
@@ -201,13 +213,11 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
     if fmt == "native":
         return Verdict(v.loader, "n/a", _unportable(weights, fmt="diffusers") or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
     if fmt == "peft":
-        return Verdict(
-            v.loader, "n/a", _unportable(weights, fmt="diffusers") or ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
-        )
-    no_lora = [k for k in keys if "lora" not in k]
-    if no_lora:
+        return Verdict(v.loader, "n/a", _peft_folder_for_diffusers(weights))
+    refused = _no_lora_keys(keys)
+    if refused:
         v.status = "no"
-        v.reasons.append(f"keys without 'lora' make it refuse the file ('Invalid LoRA checkpoint'): {', '.join(no_lora[:5])}")
+        v.reasons.append(refused)
     if fmt == "kohya":
         others = [k for k in keys if not k.startswith(KOHYA_PREFIXES)]
         if others:
@@ -236,6 +246,7 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
         if unknown:
             v.status = "no"
             v.reasons.append(f"unknown key suffixes: {', '.join(unknown[:5])}")
+        _add_diffusers_dora_losses(v, keys)
         if weights is not None:
             v.reasons += _metadata_problems(header, weights)
             if v.reasons and v.status == "ok":
@@ -263,6 +274,60 @@ def _add_diffusers_kind_losses(v: Verdict, keys: list[str]) -> None:
             f"it drops every dora_scale key ('DoRA checkpoint that is not compatible'), so {len(dora)} DoRA "
             f"module(s) load as plain LoRA: {_short(dora, 4)}"
         )
+
+
+def _no_lora_keys(keys: list[str]) -> str | None:
+    """Why diffusers' SD-1.x / SDXL ``load_lora_weights`` refuses keys without ``lora`` ("Invalid LoRA
+    checkpoint", ``loaders/lora_pipeline.py``; :func:`convlora.formats.diffusers.check_diffusers_kinds`)."""
+    no_lora = [k for k in keys if "lora" not in k]
+    if not no_lora:
+        return None
+    loha_lokr = any(_lycoris_part(k) and not k.endswith(".dora_scale") for k in no_lora)
+    kinds = " (LoHa's hada_* and LoKr's lokr_* keys: it loads LoRA and DoRA only)" if loha_lokr else ""
+    return f"keys without 'lora' make it refuse the file ('Invalid LoRA checkpoint'){kinds}: {', '.join(no_lora[:5])}"
+
+
+def _peft_folder_for_diffusers(weights: LoRAWeights | None) -> list[str]:
+    """What to do with a PEFT folder for diffusers: convert it, or what else works where it cannot be."""
+    if weights is None:
+        return ["convlora cannot read this folder (its line says why), so no `convlora convert` makes a diffusers file of it"]
+    unportable = _unportable(weights, fmt="diffusers")
+    if not unportable:
+        return ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
+    if _unportable(weights, fmt="kohya"):
+        return unportable + ["PEFT loads this folder as it is"]
+    return unportable + ["PEFT loads this folder as it is; for ComfyUI / A1111: `convlora convert DIR OUT --to kohya "
+                         "--component unet` (or text_encoder)"]
+
+
+def _add_diffusers_dora_losses(v: Verdict, keys: list[str]) -> None:
+    """DoRA magnitudes of a diffusers-format file that ``load_lora_weights`` does not apply as written
+    (:func:`convlora.formats.diffusers.ignored_magnitude_keys`; one ``use_dora`` per component's
+    ``LoraConfig``, ``utils/peft_utils.py``)."""
+    ignored = ignored_magnitude_keys(keys)
+    if ignored:
+        v.status = "no" if v.status == "no" else "wrong"
+        v.reasons.append(
+            f"{len(ignored)} text-encoder DoRA magnitude(s) lack '.weight', so transformers' load_adapter (which it "
+            "loads text encoders with) leaves them unused and those modules run on the magnitude PEFT initialises: "
+            f"{_short(ignored, 4)}; fix: `convlora convert FILE OUT --to diffusers`"
+        )
+    stems = {k: _module_stem(k) for k in keys}
+    for component in COMPONENTS:
+        modules = {m for k, m in stems.items() if m and k.startswith(component + ".") and not k.endswith(".alpha")}
+        dora = {m for k, m in stems.items() if m and k.startswith(component + ".") and MAGNITUDE in k}
+        if dora and dora != modules:
+            v.status = "no"
+            v.reasons.append(
+                f"{component}: {len(dora)} of {len(modules)} module(s) have a {MAGNITUDE}, but its LoraConfig has one "
+                "use_dora for the whole component, so it computes another function for some of them"
+            )
+
+
+def _module_stem(key: str) -> str | None:
+    """The module name of a key of one of the known key styles (``None`` for others)."""
+    match = next((m for m in (rx.search(key) for rx in _STYLES.values()) if m), None)
+    return key[: match.start()] if match else None
 
 
 def _kohya_alpha_losses(weights: LoRAWeights) -> list[str]:
@@ -478,6 +543,8 @@ def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet
     """
     if not renamed:
         return []
+    if file.weights is None:
+        return ["convlora cannot read this file (its line says why), so no `convlora convert` fixes this"]
     unportable = _unportable(file.weights, fmt="kohya")
     if unportable:
         return unportable
@@ -576,27 +643,101 @@ def _header_alphas(header: dict[str, str]) -> dict[str, float]:
 def _short(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
-def _peft_verdict(fmt, folder, weights) -> Verdict:
-    loader = "PEFT PeftModel.from_pretrained"
+def _peft_verdict(fmt, folder, weights, tensors: dict[str, torch.Tensor]) -> Verdict:
+    """What ``PeftModel.from_pretrained`` makes of a folder, per kind (:mod:`convlora.formats.peft_kinds`):
+    modules outside ``target_modules`` are dropped; LoRA / DoRA need the config's rank (``g·r`` on grouped
+    convs), DoRA a ``lora_magnitude_vector`` on every module and no grouped conv; LoHa / LoKr what
+    :func:`~convlora.formats.peft_kinds.lycoris_write_problems` allows, LoKr the shapes
+    :func:`~convlora.formats.peft_kinds.peft_lokr_shapes` builds from the config."""
+    loader = _LOADERS[4]
     if folder is None:
         return Verdict(
             loader, "n/a",
             _unportable(weights, allow_groups=True, fmt="peft") or ["needs an adapter folder: `convlora convert FILE DIR --to peft [--component unet]`"],
         )  # fmt: skip
-    v = Verdict(loader, "ok")
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
-    if weights is not None:
-        targets = config.get("target_modules") or []
+    by_path: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path, _, name = key.removeprefix(KEY_PREFIX).rpartition(".")
+        by_path.setdefault(path, {})[name] = tensor
+    v = Verdict(loader, "ok")
+    tucker = sorted(f"{p} ({', '.join(n for n in TUCKER_NAMES if n in t)})" for p, t in by_path.items() if set(TUCKER_NAMES) & set(t))
+    if tucker:
+        v.reasons.append(f"{len(tucker)} module(s) in PEFT's Tucker form (use_effective_conv2d), which PEFT reads and "
+                         f"convlora cannot: {_short(tucker, 4)}")
+    kron = sorted(p for p, t in by_path.items()
+                  if "lokr_w2" in t and {"lokr_w1", "lokr_w1_a"} & set(t) and is_peft_conv1d_full_kron(t))
+    if kron:
+        v.status = "wrong"
+        v.reasons.append(f"{len(kron)} Conv1d LoKr module(s) with a full 3-D lokr_w2: its make_kron computes "
+                         f"kron(lokr_w1, lokr_w2) for them otherwise than LyCORIS and convlora: {_short(kron, 4)}")
+    problems = _peft_dora_key_problems(by_path, config) if weights is None else _peft_module_problems(weights, config)
+    if problems:
+        v.status = "no"
+        v.reasons += problems
+    return v
+
+
+def _peft_module_problems(weights: LoRAWeights, config: dict) -> list[str]:
+    """Why ``PeftModel.from_pretrained`` drops, refuses or recomputes modules of convlora's reading of a folder."""
+    targets = config.get("target_modules") or []
+    problems = [f"{p} is not in target_modules: PEFT drops it" for p in weights.modules
+                if isinstance(targets, list) and not any(p == t or p.endswith("." + t) for t in targets)]
+    kind = next(iter(weights.modules.values())).kind.name  # a folder holds one kind (convlora's reader checks)
+    if kind == "lora":
         for path, module in weights.modules.items():
-            if isinstance(targets, list) and not any(path == t or path.endswith("." + t) for t in targets):
-                v.reasons.append(f"{path} is not in target_modules: PEFT drops it")
             rank = rank_for(path, config)
             peft_rank = module.r * (module.geometry or {}).get("groups", 1)  # grouped convs: g * r in PEFT
             if rank is not None and rank != peft_rank:
-                v.reasons.append(f"{path}: config rank {rank}, tensors rank {peft_rank} (size mismatch)")
-        if v.reasons:
-            v.status = "no"
-    return v
+                problems.append(f"{path}: config rank {rank}, tensors rank {peft_rank} (size mismatch)")
+        grouped = dora_grouped_problems(weights.modules)
+        if grouped:
+            problems.append("its DoRA computes B.view(-1, R) @ A.view(R, -1) of the grouped lora_B on grouped convs, "
+                            f"which is not the LoRA update: {_short(grouped, 4)}")
+        return problems
+    other = lycoris_write_problems(weights.modules, bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out")))
+    problems += [f"its {kind} would compute this adapter differently: {o}" for o in other]
+    if kind == "lokr":
+        problems += _peft_lokr_shape_problems(weights, config)
+    return problems
+
+
+def _peft_lokr_shape_problems(weights: LoRAWeights, config: dict) -> list[str]:
+    """LoKr modules whose tensors are not the shapes PEFT's ``LoKrLayer.update_layer`` builds from the config."""
+    factor, both = config.get("decompose_factor", -1), bool(config.get("decompose_both", False))
+    problems, unknown = [], []
+    for path, module in weights.modules.items():
+        try:
+            base_shape = lokr_base_shape(module, path)
+        except LoRAFormatError:
+            unknown.append(path)
+            continue
+        r = rank_for(path, config) or LYCORIS_DEFAULT
+        built = peft_lokr_shapes(base_shape, r, factor, both)
+        held = {n: tuple(t.shape) for n, t in module.factors.items() if n in LOKR_NAMES}
+        if built != held:
+            shown = lambda table: ", ".join(f"{n} {s}" for n, s in sorted(table.items()))  # noqa: E731
+            problems.append(f"{path}: from r={r}, decompose_factor={factor}, decompose_both={both} it builds "
+                            f"{shown(built)}; the folder holds {shown(held)} (size mismatch)")
+    if unknown:
+        problems.append(f"the LoKr shapes PEFT builds are not checked for {len(unknown)} module(s) with a factorised "
+                        f"lokr_w2 and no recorded base shape: {_short(unknown, 4)}")
+    return problems
+
+
+def _peft_dora_key_problems(by_path: dict[str, dict[str, torch.Tensor]], config: dict) -> list[str]:
+    """DoRA keys of a folder convlora could not read that PEFT does not load as meant: ``use_dora`` is one flag
+    for the whole adapter, so every LoRA module needs a ``lora_magnitude_vector`` with it and none without."""
+    lora = sorted(p for p, t in by_path.items() if "lora_A" in t or "lora_B" in t)
+    with_magnitude = {p for p in lora if MAGNITUDE in by_path[p]}
+    if config.get("use_dora") and len(with_magnitude) < len(lora):
+        missing = sorted(set(lora) - with_magnitude)
+        return [f"use_dora is set but {len(missing)} module(s) have no {MAGNITUDE}, which PEFT then keeps at its "
+                f"initial value: {_short(missing, 4)}"]
+    if not config.get("use_dora") and with_magnitude:
+        return [f"use_dora is not set, so PEFT ignores the {MAGNITUDE} of {len(with_magnitude)} module(s): "
+                f"{_short(sorted(with_magnitude), 4)}"]
+    return []
 
 
 def _lycoris_verdict(fmt: str, file: _FileKeys) -> Verdict:

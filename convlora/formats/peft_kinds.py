@@ -79,14 +79,14 @@ def lycoris_write_problems(modules: Mapping[str, LoRAModule], use_rslora: bool, 
     conv3d = sorted(p for p, m in modules.items() if m.base_shape is not None and len(m.base_shape) > 4)
     if conv3d:
         problems.append(f"Conv3d layers {', '.join(conv3d[:6])} (PEFT's {kind} adapts Linear, Conv1d and Conv2d)")
-    conv1d_kron = sorted(p for p, m in modules.items() if _is_peft_conv1d_full_kron(m.factors))
+    conv1d_kron = sorted(p for p, m in modules.items() if is_peft_conv1d_full_kron(m.factors))
     if conv1d_kron:
         problems.append(f"Conv1d layers {', '.join(conv1d_kron[:6])} with a full lokr_w2 (PEFT's make_kron "
                         "computes kron(lokr_w1, lokr_w2) for a 3-D lokr_w2 differently)")
     return problems
 
 
-def _is_peft_conv1d_full_kron(factors: Mapping[str, torch.Tensor]) -> bool:
+def is_peft_conv1d_full_kron(factors: Mapping[str, torch.Tensor]) -> bool:
     """A LoKr whose full ``lokr_w2`` is 3-D (a Conv1d) and whose W1 is not ``(1, 1)``."""
     w2 = factors.get("lokr_w2")
     if w2 is None or w2.dim() != 3:
@@ -248,7 +248,7 @@ def lycoris_module(path: str, tensors: Mapping[str, torch.Tensor], peft_type: st
     factors = dict(tensors)
     if peft_type == "LOHA":
         return _loha_module(path, factors, r, alpha, base_shape, source)
-    if _is_peft_conv1d_full_kron(factors):
+    if is_peft_conv1d_full_kron(factors):
         raise LoRAFormatError(f"{source}: {path} is a Conv1d LoKr with a full lokr_w2 {tuple(factors['lokr_w2'].shape)}: "
                               "PEFT's make_kron computes kron(lokr_w1, lokr_w2) for it differently from LyCORIS, "
                               "so convlora cannot load it as the function PEFT runs")
