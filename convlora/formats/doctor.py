@@ -17,7 +17,16 @@ loader's format — the verdict says how to convert). The rules restate what the
 - Every loader: a NaN / inf tensor, or an alpha that is not a positive finite number, is a failure
   (kohya's sd-scripts read alpha 0 as alpha = rank, A1111 and ComfyUI as a switched-off module).
 - PEFT ``PeftModel.from_pretrained``: a folder with ``adapter_config.json``; modules outside its
-  ``target_modules`` are dropped; ``rank_pattern`` must give each module its tensor rank.
+  ``target_modules`` are dropped; ``rank_pattern`` must give each LoRA / DoRA / LoHa module its tensor
+  rank. Per kind (:mod:`convlora.formats.peft_kinds`): DoRA needs a ``lora_magnitude_vector`` on every
+  module and no grouped conv; LoHa / LoKr what ``lycoris_write_problems`` allows (Linear, Conv1d, Conv2d;
+  no rsLoRA, no GPT-2 Conv1D); LoKr the shapes ``peft_lokr_shapes`` builds from ``r``,
+  ``decompose_factor`` and ``decompose_both`` (other names are left at their initial values, other
+  shapes raise), and no Conv1d with a full ``lokr_w2``. PEFT reads its Tucker form
+  (``use_effective_conv2d``: ``hada_t1`` / ``hada_t2`` / ``lokr_t2``); convlora does not.
+- DoRA in diffusers files: ``lora_magnitude_vector`` keys load (the UNet's with or without ``.weight``),
+  except a text encoder's without ``.weight``, which is left unused
+  (:func:`convlora.formats.diffusers.ignored_magnitude_keys`); one ``use_dora`` per component.
 - LoHa / LoKr / DoRA in kohya files (LyCORIS's keys, :mod:`convlora.formats.kohya`): ComfyUI and
   A1111 read LoHa and LoKr fully (:mod:`convlora.formats.ui_loaders`); diffusers 0.42's kohya
   import renames only ``lora_down`` / ``lora_up`` / ``alpha`` and raises on the others
@@ -72,6 +81,7 @@ _STYLES = {
     "kohya (lora_down/lora_up/alpha)": re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha)$"),
     "convlora native (lora_A/lora_B)": re.compile(r"\.lora_[AB]$"),
 }
+_PEFT_KEY = re.compile(r"(?P<path>.+)\.(?P<name>lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)(\.weight)?$")
 _UNET_ATTENTION = re.compile(r"\.(to_q|to_k|to_v|to_out\.0)$")
 
 
@@ -657,9 +667,10 @@ def _peft_verdict(fmt, folder, weights, tensors: dict[str, torch.Tensor]) -> Ver
         )  # fmt: skip
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     by_path: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path, _, name = key.removeprefix(KEY_PREFIX).rpartition(".")
-        by_path.setdefault(path, {})[name] = tensor
+    for key, tensor in tensors.items():  # <prefix><path>.lora_A.weight, <path>.lora_magnitude_vector, <path>.hada_w1_a ...
+        match = _PEFT_KEY.match(key.removeprefix(KEY_PREFIX))
+        if match:
+            by_path.setdefault(match["path"], {})[match["name"]] = tensor
     v = Verdict(loader, "ok")
     tucker = sorted(f"{p} ({', '.join(n for n in TUCKER_NAMES if n in t)})" for p, t in by_path.items() if set(TUCKER_NAMES) & set(t))
     if tucker:
@@ -717,8 +728,10 @@ def _peft_lokr_shape_problems(weights: LoRAWeights, config: dict) -> list[str]:
         held = {n: tuple(t.shape) for n, t in module.factors.items() if n in LOKR_NAMES}
         if built != held:
             shown = lambda table: ", ".join(f"{n} {s}" for n, s in sorted(table.items()))  # noqa: E731
+            effect = ("it raises a size mismatch" if built.keys() == held.keys() else
+                      f"it leaves {', '.join(sorted(built.keys() - held.keys()))} at their initial values")
             problems.append(f"{path}: from r={r}, decompose_factor={factor}, decompose_both={both} it builds "
-                            f"{shown(built)}; the folder holds {shown(held)} (size mismatch)")
+                            f"{shown(built)}; the folder holds {shown(held)}, so {effect}")
     if unknown:
         problems.append(f"the LoKr shapes PEFT builds are not checked for {len(unknown)} module(s) with a factorised "
                         f"lokr_w2 and no recorded base shape: {_short(unknown, 4)}")
