@@ -152,12 +152,13 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
         summary.append("key styles: " + ", ".join(f"{s} x{n}" for s, n in styles.items()))
     unet_names = _unet_names(base, summary)
     file = _FileKeys.of(tensors, header, weights)
+    peft_verdict = _peft_verdict(fmt, path if is_peft_folder else None, weights, tensors)
     verdicts = [
         convlora_verdict,
-        _diffusers_verdict(fmt, keys, header, styles, weights),
+        _diffusers_verdict(fmt, keys, header, styles, weights, peft_loads=peft_verdict.status == "ok"),
         _comfyui_verdict(fmt, file, unet_names),
         _a1111_verdict(fmt, file, unet_names),
-        _peft_verdict(fmt, path if is_peft_folder else None, weights, tensors),
+        peft_verdict,
         _lycoris_verdict(fmt, file),
     ]
     # A kohya file of LyCORIS kinds is made for the LyCORIS loaders, not diffusers' kohya import.
@@ -215,7 +216,7 @@ DORA_AXIS_NOTE = (
 )
 
 
-def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
+def _diffusers_verdict(fmt, keys, header, styles, weights, peft_loads: bool = False) -> Verdict:
     from convlora.formats import is_sdxl
 
     xl = weights is not None and is_sdxl(weights)  # SDXL's loader renumbers LDM names itself
@@ -223,7 +224,7 @@ def _diffusers_verdict(fmt, keys, header, styles, weights) -> Verdict:
     if fmt == "native":
         return Verdict(v.loader, "n/a", _unportable(weights, fmt="diffusers") or ["convlora's own file: `convlora convert FILE OUT --to diffusers`"])
     if fmt == "peft":
-        return Verdict(v.loader, "n/a", _peft_folder_for_diffusers(weights))
+        return Verdict(v.loader, "n/a", _peft_folder_for_diffusers(weights, peft_loads))
     refused = _no_lora_keys(keys)
     if refused:
         v.status = "no"
@@ -297,17 +298,18 @@ def _no_lora_keys(keys: list[str]) -> str | None:
     return f"keys without 'lora' make it refuse the file ('Invalid LoRA checkpoint'){kinds}: {', '.join(no_lora[:5])}"
 
 
-def _peft_folder_for_diffusers(weights: LoRAWeights | None) -> list[str]:
-    """What to do with a PEFT folder for diffusers: convert it, or what else works where it cannot be."""
+def _peft_folder_for_diffusers(weights: LoRAWeights | None, peft_loads: bool) -> list[str]:
+    """What to do with a PEFT folder for diffusers: convert it, or what else works where it cannot be
+    (``peft_loads``: doctor's PEFT verdict is ok)."""
     if weights is None:
         return ["convlora cannot read this folder (its line says why), so no `convlora convert` makes a diffusers file of it"]
     unportable = _unportable(weights, fmt="diffusers")
     if not unportable:
         return ["a PEFT adapter of one model: `convlora convert DIR OUT --to diffusers --component unet`"]
-    if _unportable(weights, fmt="kohya"):
-        return unportable + ["PEFT loads this folder as it is"]
-    return unportable + ["PEFT loads this folder as it is; for ComfyUI / A1111: `convlora convert DIR OUT --to kohya "
-                         "--component unet` (or text_encoder)"]
+    keep = ["PEFT loads this folder as it is"] if peft_loads else []
+    if not _unportable(weights, fmt="kohya"):
+        keep.append("for ComfyUI / A1111: `convlora convert DIR OUT --to kohya --component unet` (or text_encoder)")
+    return unportable + (["; ".join(keep)] if keep else [])
 
 
 def _add_diffusers_dora_losses(v: Verdict, keys: list[str]) -> None:
@@ -706,8 +708,8 @@ def _peft_module_problems(weights: LoRAWeights, config: dict) -> list[str]:
             problems.append("its DoRA computes B.view(-1, R) @ A.view(R, -1) of the grouped lora_B on grouped convs, "
                             f"which is not the LoRA update: {_short(grouped, 4)}")
         return problems
-    other = lycoris_write_problems(weights.modules, bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out")))
-    problems += [f"its {kind} would compute this adapter differently: {o}" for o in other]
+    other = lycoris_write_problems(weights.modules, weights.use_rslora, bool(config.get("fan_in_fan_out")))
+    problems += [f"its {kind} cannot load this adapter as convlora computes it: {o}" for o in other]
     if kind == "lokr":
         problems += _peft_lokr_shape_problems(weights, config)
     return problems

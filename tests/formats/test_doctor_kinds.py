@@ -180,6 +180,24 @@ def test_peft_tucker_folder_is_named_and_ok_for_peft(tmp_path):
     assert relative_error(_out(PeftModel.from_pretrained(_net(), tmp_path / "peft")), _out(theirs)) < TOL
 
 
+def test_peft_loha_folder_on_a_conv3d_is_refused_by_peft(tmp_path):
+    """A LoHa folder recording a Conv3d base shape (convlora's writer refuses to write one; written here by hand)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"hada_w1_a": (8, 2), "hada_w1_b": (2, 108), "hada_w2_a": (8, 2), "hada_w2_b": (2, 108)}
+    (tmp_path / "peft").mkdir()
+    write_safetensors({f"base_model.model.0.{n}": torch.randn(s, generator=g) for n, s in shapes.items()},
+                      tmp_path / "peft" / "adapter_model.safetensors",
+                      {"format": "pt", "convlora_base_shapes": json.dumps({"0": [8, 4, 3, 3, 3]})})
+    config = {"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["0"], "use_effective_conv2d": False}
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    v = _verdicts(tmp_path / "peft")
+    assert v[PEFT] == ("no", ["its loha cannot load this adapter as convlora computes it: Conv3d layers 0 (PEFT's loha "
+                              "adapts Linear, Conv1d and Conv2d)"])
+    assert v[DIFFUSERS][1][1] == "for ComfyUI / A1111: `convlora convert DIR OUT --to kohya --component unet` (or text_encoder)"
+    with pytest.raises(TypeError, match="Conv3d'> not supported"):
+        PeftModel.from_pretrained(nn.Sequential(nn.Conv3d(4, 8, 3)), tmp_path / "peft")
+
+
 def test_peft_has_no_loha_with_dora(tmp_path):
     ours = _net()
     convlora.inject_lora(ours, convlora.LoRAConfig(r=2, kind="loha", weight_decompose=True, target_modules=TARGETS))
