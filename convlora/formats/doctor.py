@@ -153,9 +153,10 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
     unet_names = _unet_names(base, summary)
     file = _FileKeys.of(tensors, header, weights)
     peft_verdict = _peft_verdict(fmt, path if is_peft_folder else None, weights, tensors)
+    values = _value_problems(tensors, header, weights)
     verdicts = [
         convlora_verdict,
-        _diffusers_verdict(fmt, keys, header, styles, weights, peft_loads=peft_verdict.status == "ok"),
+        _diffusers_verdict(fmt, keys, header, styles, weights, peft_loads=peft_verdict.status == "ok" and not values),
         _comfyui_verdict(fmt, file, unet_names),
         _a1111_verdict(fmt, file, unet_names),
         peft_verdict,
@@ -166,7 +167,6 @@ def diagnose(path: str | os.PathLike, base: dict[str, nn.Module] | None = None) 
     own = {"diffusers": (0, 1), "kohya": (0, 2, 3, 5) if lycoris_kinds else (0, 1, 2, 3, 5), "peft": (0, 4), "native": (0,)}[fmt]
     for index in own:
         verdicts[index].primary = True
-    values = _value_problems(tensors, header, weights)
     for v in verdicts if values else ():
         v.status, v.reasons = "no", values + v.reasons
     return Diagnosis(Path(path), fmt, summary, verdicts)
