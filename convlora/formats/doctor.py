@@ -457,8 +457,16 @@ class _FileKeys:
 def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> Verdict:
     view = comfyui_view(file.shapes, file.alphas, unet_names)
     v = Verdict(_LOADERS[2], "ok")
+    # comfy/lora.py load_lora reads a DoRA magnitude only as <name>.dora_scale: PEFT's are keys it does not load
+    magnitudes = [s for s in view.skipped if re.search(rf"\.{MAGNITUDE}(\.weight)?$", s)]
+    view.skipped = [s for s in view.skipped if s not in magnitudes]
     attention = [s for s in view.skipped if not s.startswith(KOHYA_PREFIXES) and _UNET_ATTENTION.search(s)]
     other = [s for s in view.skipped if s not in attention]
+    if magnitudes:
+        v.reasons.append(
+            f"drops the DoRA magnitude of {len(magnitudes)} module(s) ('lora key not loaded': comfy/lora.py load_lora "
+            f"reads one only as <name>.dora_scale), so those it loads run as plain LoRA: {_short(magnitudes, 4)}"
+        )
     if attention:
         v.reasons.append(
             f"skips {len(attention)} UNet attention module(s) ('lora key not loaded'): its diffusers key map "
@@ -472,7 +480,7 @@ def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) ->
             f"{len(off)} module(s) get another scale (it reads alpha only from .alpha tensors, scale 1 without; "
             f"never from {METADATA_KEY}), alpha/r -> applied: {_short(off)}"
         )
-    v.status = "no" if view.skipped else "wrong" if off else "ok"
+    v.status = "no" if view.skipped or magnitudes else "wrong" if off else "ok"
     output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
     if output_axis:
         v.reasons.append(

@@ -253,6 +253,14 @@ def test_convlora_diffusers_dora_file_is_ok_and_loads_in_diffusers(unet_spelling
                     lambda k: k + unet_spelling if k.endswith(".lora_magnitude_vector") else k)
     assert sum(k.endswith(f".lora_magnitude_vector{unet_spelling}") for k in read_safetensors(path)[0]) == 119
     assert _verdicts(path)[DIFFUSERS] == ("ok", []) and diagnose(path).healthy
+    comfyui = _verdicts(path)["ComfyUI (LoraLoader)"]
+    assert comfyui[0] == "no" and comfyui[1][0] == (
+        "drops the DoRA magnitude of 119 module(s) ('lora key not loaded': comfy/lora.py load_lora reads one only as "
+        "<name>.dora_scale), so those it loads run as plain LoRA: "
+        f"unet.conv_in.lora_magnitude_vector{unet_spelling}, unet.conv_out.lora_magnitude_vector{unet_spelling}, "
+        f"unet.down_blocks.0.downsamplers.0.conv.lora_magnitude_vector{unet_spelling}, "
+        f"unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector{unet_spelling}, ... (115 more)"
+    )
     theirs = copy.deepcopy(template)
     theirs.load_lora_weights(path)
     assert (_unet_out(theirs) - _unet_out(dora_pipe)).abs().max() < TOL
