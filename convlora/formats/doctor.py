@@ -572,7 +572,7 @@ def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet
         return ["a single model's file: `convlora convert FILE OUT --to kohya --component unet` (or text_encoder) names its modules for pipelines"]
     unfixed = sorted({k or "(unnamed)" for k in renamed if k is None or not loads(k)})
     if fmt != "kohya" and not unfixed:
-        return ["fix: `convlora convert FILE OUT --to kohya`"]
+        return ["fix: `convlora convert FILE OUT --to kohya`" + _ui_dora_caveat(file.weights)]
     as_ldm = [_as_ldm(k, unet_names) for k in renamed]
     if all(k is not None and loads(k) for k in as_ldm):
         return [
@@ -583,6 +583,15 @@ def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet
     if fmt != "kohya" and len(unfixed) < len(set(renamed)):
         return [f"`convlora convert FILE OUT --to kohya` fixes all but {len(unfixed)} of them: {_short(unfixed)}"]
     return ["no `convlora convert` fixes this (its kohya file spells these modules the same way)"]
+
+
+def _ui_dora_caveat(weights: LoRAWeights) -> str:
+    """What a kohya file still gets wrong in ComfyUI / A1111 when it holds DoRA (:data:`DORA_AXIS_NOTE`)."""
+    dora = sorted(path for path, module in weights.modules.items() if module.kind.use_dora)
+    if not dora:
+        return ""
+    return (f" (its names then load, but ComfyUI and A1111 compute another DoRA weight than convlora from any "
+            f"file, for {len(dora)} DoRA module(s): see the DoRA-axis line)")
 
 
 def _as_ldm(kohya_stem: str | None, unet_names: UNetNames | None) -> str | None:

@@ -261,6 +261,11 @@ def test_convlora_diffusers_dora_file_is_ok_and_loads_in_diffusers(unet_spelling
         f"unet.down_blocks.0.downsamplers.0.conv.lora_magnitude_vector{unet_spelling}, "
         f"unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector{unet_spelling}, ... (115 more)"
     )
+    # the names come right in a kohya file, the DoRA weight does not: the suggested fix says so
+    assert comfyui[1][-1] == (
+        "fix: `convlora convert FILE OUT --to kohya` (its names then load, but ComfyUI and A1111 compute another "
+        "DoRA weight than convlora from any file, for 119 DoRA module(s): see the DoRA-axis line)"
+    )
     theirs = copy.deepcopy(template)
     theirs.load_lora_weights(path)
     assert (_unet_out(theirs) - _unet_out(dora_pipe)).abs().max() < TOL
