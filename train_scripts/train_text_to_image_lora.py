@@ -253,16 +253,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the 3x3 convs. Omitted: --conv_rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
     g.add_argument("--adapter", type=str, default="lora", choices=list(ADAPTER_KINDS),
-                   help="Adapter kind (convlora.kinds): lora; dora = LoRA + weight decomposition (DoRA); loha / lokr = "
-                        "LyCORIS's Hadamard / Kronecker products. Not lora: saved in the native format only (default "
-                        "--save_format native), as LyCORIS trains them.")
+                   help="Adapter kind (convlora.kinds), default lora; dora = LoRA + weight decomposition (DoRA); loha / lokr = "
+                        "LyCORIS's Hadamard / Kronecker products. Only the native format carries the kinds other than "
+                        "lora (their default --save_format).")
     g.add_argument("--lokr_factor", type=int, default=None,
                    help="--adapter lokr: the Kronecker factor size to aim for (LyCORIS's factor; default -1: the most "
                         "balanced split).")
     g.add_argument("--lokr_decompose_both", action="store_true",
                    help="--adapter lokr: factorise the smaller Kronecker factor too (LyCORIS's decompose_both).")
     g.add_argument("--dora_wd", action="store_true",
-                   help="--adapter loha / lokr: add DoRA's weight decomposition (LyCORIS's dora_wd; for LoRA use --adapter dora).")
+                   help="--adapter loha / lokr: add DoRA's weight decomposition (the dora_wd network argument of LyCORIS; "
+                        "for LoRA use --adapter dora).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also train a LoRA on the text encoder (SDXL: on both text encoders).")
     g.add_argument("--text_encoder_preset", type=str, default="attn", choices=["attn", "attn-mlp"],
