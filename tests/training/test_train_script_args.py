@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -135,3 +137,26 @@ def test_kind_argument_errors_are_one_named_line_before_any_work(script, capsys,
     line = command_line_error(script, capsys, ["--output_dir", str(out), *argv], code=2)
     assert line.split(": error: ", 1)[1] == f"{message} (see --help)"
     assert not out.exists()  # refused while reading the arguments: nothing was made
+
+
+def test_a_checkpoint_of_one_kind_refuses_a_resume_with_another_kind_or_factor(script, tmp_path):
+    from convlora.training.checkpoints import CheckpointError, check_settings, save_checkpoint, write_state
+
+    def checkpoint_of(argv: list[str], step: int):
+        settings = script.run_settings(script.parse_args(argv))
+        return save_checkpoint(tmp_path, step, lambda folder: write_state(folder, "progress", {"global_step": step}),
+                               info={"settings": settings})
+
+    def refusal(path, argv: list[str]) -> str:
+        with pytest.raises(CheckpointError) as err:
+            check_settings(path, script.run_settings(script.parse_args(argv)), defaults=script.KIND_SETTING_DEFAULTS)
+        return str(err.value).split(": ", 1)[1].split(". Resume", 1)[0]
+
+    lokr = checkpoint_of(["--adapter", "lokr", "--lokr_factor", "2"], 2)
+    check_settings(lokr, script.run_settings(script.parse_args(["--adapter", "lokr", "--lokr_factor", "2"])),
+                   defaults=script.KIND_SETTING_DEFAULTS)
+    assert refusal(lokr, ["--adapter", "lokr"]) == "--lokr_factor 2 (checkpoint) vs -1 (this run)"
+    assert refusal(lokr, []) == "--adapter 'lokr' (checkpoint) vs 'lora' (this run); --lokr_factor 2 (checkpoint) vs -1 (this run)"
+    lora = checkpoint_of([], 4)  # a plain LoRA checkpoint records no kind flag, as before kinds existed
+    assert "--adapter" not in json.loads((lora / "checkpoint.json").read_text())["settings"]
+    assert refusal(lora, ["--adapter", "dora"]) == "--adapter 'lora' (checkpoint) vs 'dora' (this run)"
