@@ -34,17 +34,16 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_lora as bench  # noqa: E402  (the SD-shaped UNet workloads and machine record)
+import bench_lora as bench
 
-import convlora  # noqa: E402
-from convlora.diffusion import unet_lora_config  # noqa: E402
-from convlora.kinds import lokr_shapes  # noqa: E402
+import convlora
+from convlora.diffusion import unet_lora_config
+from convlora.kinds import lokr_shapes
 
 DEFAULT_OUT = bench.REPO / "benchmarks" / "results" / "adapter_kinds.json"
 LOKR_FACTORS = (2, 4, 8, 16, -1)
@@ -158,11 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = "unet-tiny" if args.smoke else "unet-sd"
     w = bench.workloads(args.smoke)[model]()
     print(f"[{model}] {w.description}", file=sys.stderr, flush=True)
-    load_before = bench._load()
+    load_before, started = bench._load(), _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rows = run(w, args)
     report = {
         "command": "python benchmarks/adapter_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_utc": started,
         "machine": bench.machine(torch.device("cpu"), args.threads),
         "settings": {"model": model, "description": w.description, "preset": args.preset, "rank": args.rank,
                      "repeats": args.repeats, "warmup": args.warmup, "smoke": args.smoke,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from concept_ablation import REPO, SCRIPT, SMOKE_FLAGS, drift  # noqa: E402
+from concept_ablation import REPO, SCRIPT, SMOKE_FLAGS, drift
 
 #: name -> (the training-script flags of the kind and rank, the LoRAConfig fields they give).
 KINDS = {
@@ -69,7 +69,8 @@ def kind_run(name: str, seed: int, out: Path, extra: list[str]) -> dict:
     argv = [sys.executable, str(SCRIPT), "--output_dir", str(out), *flags, "--seed", str(seed), "--report_to", "none",
             "--save_format", "native", *extra]
     started = time.time()
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "train_summary.json").read_text())
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_path = Path(args.out) if args.out else (None if args.smoke else REPO / "benchmarks" / "results" / "kinds_demo.json")
     report = {"settings": {"smoke": args.smoke, "seeds": seeds, "extra_flags": extra,
                            "flags": {name: KINDS[name][0] for name in args.kinds},
-                           "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                            "load_before": os.getloadavg()},
               "trainable_parameters": trainable_counts(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

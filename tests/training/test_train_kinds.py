@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_script_helpers import check_ok, command_line_error, launch, load_pipeline, script_args, summary, unet_out
+from train_script_helpers import (
+    check_ok,
+    command_line_error,
+    launch,
+    load_pipeline,
+    script_args,
+    summary,
+    unet_out,
+)
 
 from convlora import load_lora, lora_scale, read_safetensors
 
@@ -63,7 +71,7 @@ def test_lokr_run_trains_saves_a_native_file_that_reloads_exactly_and_validates_
 
 def test_loha_dora_resume_mid_run_is_exact_and_another_kind_is_refused_by_name(script, capsys, tiny_base, toy_data, tmp_path):
     # 8 images, batch 2: 4 steps per epoch; checkpoint-3 is inside the first epoch
-    common = dict(adapter="loha", dora_wd=True, rank=4, max_train_steps=6, checkpointing_steps=3, random_flip=True)
+    common = {"adapter": "loha", "dora_wd": True, "rank": 4, "max_train_steps": 6, "checkpointing_steps": 3, "random_flip": True}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     check_ok(launch(script_args(tiny_base, toy_data, straight, **common)))
     resumed.mkdir()
