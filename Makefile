@@ -16,7 +16,7 @@ UV_MIRROR = idx="$$($(PY) -m pip config get global.extra-index-url 2>/dev/null)"
 	if [ -n "$$idx" ]; then export UV_EXTRA_INDEX_URL="$$idx" UV_INDEX_STRATEGY=unsafe-best-match; fi; \
 	if [ -n "$$links" ]; then export UV_FIND_LINKS="$$links"; fi
 
-.PHONY: demo test test-slow test-fuzz test-all lock bench bench-breakdown bench-lowmem bench-quant bench-smoke clean-venv
+.PHONY: demo test test-slow test-fuzz test-all lock bench bench-breakdown bench-lowmem bench-quant bench-kinds bench-kinds-demo bench-smoke clean-venv
 
 # A changed lock or pyproject rebuilds the venv from nothing, so a stale one never stands in for it.
 $(STAMP): pyproject.toml $(LOCK)
@@ -64,11 +64,20 @@ bench-lowmem: $(STAMP)
 bench-quant: $(STAMP)
 	$(PY) benchmarks/quant_base.py
 
+# LoRA, DoRA, LoHa, LoKr at matched parameter counts: step-time ratios on the SD-shaped UNet, and the
+# embedded run's concept score and drift for each (4 kinds x 3 seeds, about 40 minutes).
+bench-kinds: $(STAMP)
+	$(PY) benchmarks/adapter_kinds.py
+
+bench-kinds-demo: $(STAMP)
+	$(PY) benchmarks/kinds_demo.py
+
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_lora.py --smoke
 	$(PY) benchmarks/layer_breakdown.py --smoke
 	$(PY) benchmarks/lowmem.py --smoke
 	$(PY) benchmarks/quant_base.py --smoke
+	$(PY) benchmarks/adapter_kinds.py --smoke
 
 clean-venv:
 	rm -rf $(VENV)

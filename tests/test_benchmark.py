@@ -104,6 +104,39 @@ def test_concept_ablation_smoke_runs_a_lora_variant_and_full_finetuning_and_coun
     assert ft["scores"]["bag"]["base"] == report["runs"][-2]["scores"]["bag"]["base"]
 
 
+def test_adapter_kinds_smoke_matches_the_parameter_counts_and_times_every_kind(bench, tmp_path):  # `bench` registers bench_lora
+    spec = importlib.util.spec_from_file_location("adapter_kinds", BENCH.parent / "adapter_kinds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "kinds.json"
+    report = module.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["kinds"]
+    # the tiny UNet is the embedded base's shape: LoRA r8's count, LoHa at half the rank exactly, LoKr's nearest pair
+    assert {name: row["trainable_parameters"] for name, row in rows.items()} == {
+        "lora r8": 249_600, "dora r8": 259_168, "loha r4": 249_600, "lokr r15 f2": 233_700}
+    assert [row["kind"] for row in rows.values()] == ["lora", "dora", "loha", "lokr"] and rows["lokr r15 f2"]["factor"] == 2
+    assert rows["lora r8"]["step_x_lora"] == 1.0 and rows["lora r8"]["parameters_x_lora"] == 1.0
+    assert all(row["ms_median"] > 0 and row["step_x_lora"] > 0 and len(row["ms_all"]) == 1 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_kinds_demo_smoke_runs_a_kind_and_counts_every_kind(tmp_path):
+    spec = importlib.util.spec_from_file_location("kinds_demo", BENCH.parent / "kinds_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "kinds.json"
+    # one kind runs (the four share every line of the script but their flags); the counts cover all
+    report = demo.main(["--smoke", "--kinds", "lokr r15 f2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["trainable_parameters"] == {"lora r8": 249_600, "dora r8": 259_168, "loha r4": 249_600, "lokr r15 f2": 233_700}
+    (run,) = report["runs"]
+    known = {"t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "ankle boot"}
+    assert (run["variant"], run["seed"], run["adapter"]) == ("lokr r15 f2", 0, "lokr")
+    assert set(run["scores"]) == known | {"bag"} and set(run["class_ratio"]) == known and run["seconds"] > 0
+    assert report["summary"]["lokr r15 f2"]["seeds"] == [0]
+
+
 def test_svd_routes_smoke_reports_every_route(bench, tmp_path):  # imports bench_lora by name: the `bench` fixture registers it
     spec = importlib.util.spec_from_file_location("svd_routes", BENCH.parent / "svd_routes.py")
     module = importlib.util.module_from_spec(spec)

@@ -91,8 +91,11 @@ from convlora import (  # noqa: E402
     mark_only_lora_as_trainable,
     save_lora,
 )
+from convlora.config import KIND_CHOICES as ADAPTER_KINDS  # noqa: E402
+from convlora.config import LoRAConfig  # noqa: E402
 from convlora.diffusion import save_pipeline_lora, text_encoder_lora_config, unet_lora_config  # noqa: E402
 from convlora.diffusion.families import Family, detect_family, family_from_configs  # noqa: E402
+from convlora.formats.weights import FORMAT_KINDS  # noqa: E402
 from convlora.training.activation_checkpointing import enable_gradient_checkpointing  # noqa: E402
 from convlora.training.buckets import BucketBatchSampler, bucket_resolutions, check_bucket_args, select_bucket  # noqa: E402
 from convlora.training.checkpoints import (  # noqa: E402
@@ -194,6 +197,9 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
 }
 
 
+#: --save_format choices (the formats of :func:`convlora.diffusion.save_pipeline_lora`).
+SAVE_FORMATS = ("diffusers", "kohya", "native")
+
 #: --validation_scheduler choices: the diffusers scheduler class of each.
 VALIDATION_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
                          "euler_a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}
@@ -246,6 +252,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--conv_rank", type=int, default=None, help="Rank of the 3x3 convs ('full' preset; kohya's conv_dim). Omitted: --rank.")
     g.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the 3x3 convs. Omitted: --conv_rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
+    g.add_argument("--adapter", type=str, default="lora", choices=list(ADAPTER_KINDS),
+                   help="Adapter kind (convlora.kinds), default lora; dora = LoRA + weight decomposition (DoRA); loha / lokr = "
+                        "LyCORIS's Hadamard / Kronecker products. Only the native format carries the kinds other than "
+                        "lora (their default --save_format).")
+    g.add_argument("--lokr_factor", type=int, default=None,
+                   help="--adapter lokr: the Kronecker factor size to aim for (LyCORIS's factor; default -1: the most "
+                        "balanced split).")
+    g.add_argument("--lokr_decompose_both", action="store_true",
+                   help="--adapter lokr: factorise the smaller Kronecker factor too (LyCORIS's decompose_both).")
+    g.add_argument("--dora_wd", action="store_true",
+                   help="--adapter loha / lokr: add DoRA's weight decomposition (the dora_wd network argument of LyCORIS; "
+                        "for LoRA use --adapter dora).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also train a LoRA on the text encoder (SDXL: on both text encoders).")
     g.add_argument("--text_encoder_preset", type=str, default="attn", choices=["attn", "attn-mlp"],
@@ -361,9 +379,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("checkpoints and outputs")
     g.add_argument("--output_dir", type=str, default=None, help="Where everything is written " + default("output_dir"))
     g.add_argument("--output_name", type=str, default="lora", help="File name stem of the kohya and native LoRA files.")
-    g.add_argument("--save_format", type=str, nargs="+", default=["diffusers", "kohya"], choices=["diffusers", "kohya", "native"],
+    g.add_argument("--save_format", type=str, nargs="+", default=None, choices=list(SAVE_FORMATS),
                    help="LoRA file format(s): diffusers (pytorch_lora_weights.safetensors, for load_lora_weights), "
-                        "kohya (AUTOMATIC1111 / ComfyUI), native (convlora.diffusion.load_pipeline_lora).")
+                        "kohya (AUTOMATIC1111 / ComfyUI), native (convlora.diffusion.load_pipeline_lora). Default: "
+                        "diffusers kohya for --adapter lora, native for the other kinds (the only format carrying them).")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a resumable checkpoint every N optimizer steps " + default("checkpointing_steps"))
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest by step deleted).")
@@ -398,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.embedded and args.train_data_dir is None and args.dataset_name is None:
         p.error("with --pretrained_model_name_or_path, give the data too: --train_data_dir or --dataset_name")
     mode = 1 if args.embedded else 0
+    if args.save_format is None:
+        args.save_format = ["diffusers", "kohya"] if args.adapter == "lora" else ["native"]
     for name, values in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, values[mode])
@@ -450,10 +471,13 @@ def argument_problem(args: argparse.Namespace) -> str | None:
             if value is not None and not holds(value):
                 return f"--{name} must be {rule}, got {value}"
     try:
-        unet_lora_config(args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
-                         conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
+        unet_config = unet_lora_config(args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
+                                       conv_alpha=args.conv_alpha, dropout=args.lora_dropout)
     except ValueError as err:
         return f"--unet_preset {args.unet_preset}: {err}"
+    problem = adapter_kind_problem(args, unet_config)
+    if problem:
+        return problem
     if args.cache_text_embeddings and args.train_text_encoder:
         return ("--cache_text_embeddings needs frozen text encoders (their outputs are computed once), "
                 "but --train_text_encoder trains them; drop one of the two")
@@ -465,6 +489,50 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+def adapter_kind_problem(args: argparse.Namespace, unet_config: LoRAConfig) -> str | None:
+    """A kind flag without its kind, a LoKr factor LyCORIS's rule refuses, or a --save_format whose files
+    cannot carry the kind (:data:`convlora.formats.weights.FORMAT_KINDS`, the rule every writer checks),
+    as a message naming the flag; None when they fit."""
+    for flag, given in (("--lokr_factor", args.lokr_factor is not None), ("--lokr_decompose_both", args.lokr_decompose_both)):
+        if given and args.adapter != "lokr":
+            return f"{flag} is a LoKr option; it needs --adapter lokr, not --adapter {args.adapter}"
+    if args.lokr_factor is not None and args.lokr_factor != -1 and args.lokr_factor < 1:
+        return f"--lokr_factor must be -1 (the most balanced split) or >= 1, got {args.lokr_factor}"
+    if args.dora_wd and args.adapter not in ("loha", "lokr"):
+        return (f"--dora_wd adds weight decomposition to --adapter loha / lokr; --adapter {args.adapter} "
+                f"{'already has it' if args.adapter == 'dora' else 'has none: for LoRA with DoRA use --adapter dora'}")
+    try:
+        label = dataclasses.replace(unet_config, **adapter_kind_fields(args)).adapter_kind().label
+    except ValueError as err:
+        return f"--adapter {args.adapter}: {err}"
+    for fmt in args.save_format:
+        if label not in FORMAT_KINDS[fmt]:
+            carriers = ", ".join(f for f, kinds in FORMAT_KINDS.items() if label in kinds and f in SAVE_FORMATS)
+            return (f"--save_format {fmt}: {fmt} files do not carry the {label} adapter kind (--adapter {args.adapter}"
+                    f"{' --dora_wd' if args.dora_wd else ''}); save it as --save_format {carriers}")
+    return None
+
+
+def adapter_kind_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~convlora.LoRAConfig` kind fields of --adapter / --lokr_factor / --lokr_decompose_both /
+    --dora_wd (empty for plain LoRA, so its configs are exactly what they were)."""
+    fields: dict[str, Any] = {}
+    if args.adapter != "lora":
+        fields["kind"] = args.adapter
+    if args.lokr_factor is not None:
+        fields["factor"] = args.lokr_factor
+    if args.lokr_decompose_both:
+        fields["decompose_both"] = True
+    if args.dora_wd:
+        fields["weight_decompose"] = True
+    return fields
+
+
+def adapter_label(args: argparse.Namespace) -> str:
+    """The kind label (:attr:`convlora.kinds.AdapterKind.label`): lora, dora, loha, lokr, loha+dora, lokr+dora."""
+    return args.adapter + ("+dora" if args.dora_wd else "")
 
 
 def prior_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -495,6 +563,7 @@ def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
     rank, alpha = config.rank_and_alpha("linear", is_spatial_conv=False)
     settings = {"--unet_preset": args.unet_preset, "--rank": rank, "--lora_alpha": alpha,
                 "--train_text_encoder": bool(args.train_text_encoder)}
+    settings.update(kind_settings(args))
     if args.base_precision is not None:  # the base the adapter's gradients were taken on
         settings["--base_precision"] = args.base_precision
     if args.unet_preset == "full":
@@ -504,6 +573,18 @@ def adapter_settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.text_encoder_2_preset is not None:  # SDXL's second encoder, when it has its own
             settings["--text_encoder_2_preset"] = args.text_encoder_2_preset
     return settings
+
+
+#: The kind flags' values for plain LoRA: a checkpoint records a kind flag only where it differs
+#: (so a LoRA run's checkpoints are what they were), and a flag it does not record had this value.
+KIND_SETTING_DEFAULTS = {"--adapter": "lora", "--lokr_factor": -1, "--lokr_decompose_both": False, "--dora_wd": False}
+
+
+def kind_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The kind flags a checkpoint records (those that differ from :data:`KIND_SETTING_DEFAULTS`)."""
+    values = {"--adapter": args.adapter, "--lokr_factor": -1 if args.lokr_factor is None else args.lokr_factor,
+              "--lokr_decompose_both": bool(args.lokr_decompose_both), "--dora_wd": bool(args.dora_wd)}
+    return {flag: value for flag, value in values.items() if value != KIND_SETTING_DEFAULTS[flag]}
 
 
 @dataclass
@@ -638,7 +719,7 @@ def check_resolution_fits(args: argparse.Namespace) -> None:
 def check_resume_fits(args: argparse.Namespace, resume_dir: Path) -> None:
     """A resumed run repeats the checkpoint's adapter settings and seed (taken from it when omitted),
     and does not stop before the checkpoint's step."""
-    check_settings(resume_dir, run_settings(args))
+    check_settings(resume_dir, run_settings(args), defaults=KIND_SETTING_DEFAULTS)
     progress = read_state(resume_dir, "progress")
     if args.seed is not None and args.seed != progress["seed"]:
         raise CheckpointError(f"{resume_dir} was trained with --seed {progress['seed']}, not {args.seed}")
@@ -787,13 +868,15 @@ def add_lora(args: argparse.Namespace, family: Family, unet: torch.nn.Module, te
         args.unet_preset, rank=args.rank, alpha=args.lora_alpha, conv_rank=args.conv_rank,
         conv_alpha=args.conv_alpha, dropout=args.lora_dropout,
     )
+    kind = adapter_kind_fields(args)
+    unet_config = dataclasses.replace(unet_config, **kind)
     adapted = inject_lora(unet, unet_config)
     mark_only_lora_as_trainable(unet)
     unet.train()
     for name, encoder in text_encoders.items():
         config = text_encoder_lora_config(encoder_setting(args, name, "preset"), rank=args.rank, alpha=args.lora_alpha,
                                           dropout=args.lora_dropout)
-        config = dataclasses.replace(config, exclude_modules=family.unused_layers(name, encoder))
+        config = dataclasses.replace(config, exclude_modules=family.unused_layers(name, encoder), **kind)
         adapted += [f"{name}.{p}" for p in inject_lora(encoder, config)]
         mark_only_lora_as_trainable(encoder)
         encoder.train()
@@ -1199,6 +1282,7 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
             "family": models.family.name,
+            **({"adapter": adapter_label(args)} if args.adapter != "lora" else {}),
             "distributed": {"requested": run.parallel.requested, "running": run.parallel.running, "sharded": run.parallel.sharded,
                             "frozen_local_share": frozen_local_share(run.trained_models(models))},
             "dtypes": {"unet": parameter_dtypes(final["unet"]), "vae": parameter_dtypes(models.vae),
@@ -1249,6 +1333,9 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
             "class_prompt": args.class_prompt if prior else None,
             "num_class_images": len(classes) if prior else None, "class_data": (args.reg_data_dir or args.class_data_dir) if prior else None,
             "cache_text_embeddings": args.cache_text_embeddings or None,
+            **({"adapter": adapter_label(args)} if args.adapter != "lora" else {}),
+            **({"lokr_factor": -1 if args.lokr_factor is None else args.lokr_factor,
+                "lokr_decompose_both": args.lokr_decompose_both} if args.adapter == "lokr" else {}),
         },
         kohya_extra={
             "ss_learning_rate": args.learning_rate, "ss_text_encoder_lr": te_lrs.get("text_encoder"),

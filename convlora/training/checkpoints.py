@@ -157,13 +157,15 @@ def read_marker(path: str | Path) -> dict[str, Any]:
     return marker
 
 
-def check_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
+def check_settings(path: str | Path, settings: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
     """Raise unless the checkpoint was made with these ``settings`` (recorded by :func:`save_checkpoint`).
 
     Args:
         settings: flag name -> value, e.g. ``{"--lora_alpha": 4.0}``; a checkpoint that recorded no
             settings (an older one) passes. A flag recorded by the checkpoint but absent here (a
             setting this run does not use, e.g. prior preservation) differs too.
+        defaults: flag name -> the value a flag missing on either side had (flags recorded only where
+            they differ from it, e.g. ``{"--adapter": "lora"}``); other missing flags read as None.
 
     Raises:
         CheckpointError: naming each differing setting with both values.
@@ -171,6 +173,9 @@ def check_settings(path: str | Path, settings: Mapping[str, Any]) -> None:
     recorded = read_marker(path).get("settings")
     if recorded is None:
         return
+    defaults = defaults or {}
+    recorded = {**defaults, **recorded}
+    settings = {**defaults, **settings}
     names = list(settings) + [name for name in recorded if name not in settings]
     differ = [f"{name} {recorded.get(name)!r} (checkpoint) vs {settings.get(name)!r} (this run)"
               for name in names if recorded.get(name) != settings.get(name)]
@@ -195,14 +200,21 @@ def check_adapter_unchanged(model: torch.nn.Module, lora_file: str | Path) -> No
         raise CheckpointError(f"{lora_file} has no readable convlora module table") from None
     layers = lora_layers(model)
     differ = [
-        f"{path}: rank {entry.get('r')}, alpha {entry.get('alpha')} in the checkpoint; rank {layers[path].r}, "
-        f"alpha {layers[path].lora_alpha} in this run"
+        f"{path}: {_described(entry.get('kind', 'lora'), entry.get('r'), entry.get('alpha'))} in the checkpoint; "
+        f"{_described(layers[path].adapter().kind.label, layers[path].r, layers[path].lora_alpha)} in this run"
         for path, entry in table.items()
-        if path in layers and (entry.get("r"), entry.get("alpha")) != (layers[path].r, layers[path].lora_alpha)
+        if path in layers and (entry.get("kind", "lora"), entry.get("r"), entry.get("alpha"))
+        != (layers[path].adapter().kind.label, layers[path].r, layers[path].lora_alpha)
     ]
     if differ:
         raise CheckpointError(f"{lora_file} was made with other LoRA settings ({len(differ)} modules differ, e.g. "
-                              f"{differ[0]}); resume with the checkpoint's --rank / --lora_alpha / --conv_rank / --conv_alpha")
+                              f"{differ[0]}); resume with the checkpoint's --adapter / --rank / --lora_alpha / "
+                              "--conv_rank / --conv_alpha")
+
+
+def _described(label: str, rank: Any, alpha: Any) -> str:
+    """``"rank 8, alpha 8"``, with the kind in front where it is not plain LoRA (``"loha rank 4, alpha 4"``)."""
+    return ("" if label == "lora" else f"{label} ") + f"rank {rank}, alpha {alpha}"
 
 
 # ---- saving and rotating ------------------------------------------------------------------------

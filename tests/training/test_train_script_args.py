@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -71,3 +73,90 @@ def test_prior_argument_errors(script, capsys, argv, message):
     with pytest.raises(SystemExit):
         script.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+# ---- adapter kinds: --adapter, --lokr_factor, --lokr_decompose_both, --dora_wd ---------------------
+
+
+def test_the_default_adapter_is_plain_lora_with_its_formats_and_settings(script):
+    args = script.parse_args([])
+    assert (args.adapter, args.lokr_factor, args.lokr_decompose_both, args.dora_wd) == ("lora", None, False, False)
+    assert script.adapter_kind_fields(args) == {} and script.kind_settings(args) == {}
+    assert script.run_settings(args) == {
+        "--unet_preset": "full", "--rank": 8, "--lora_alpha": 8.0, "--train_text_encoder": False, "--conv_rank": 8,
+        "--conv_alpha": 8.0, "--with_prior_preservation": True, "--prior_loss_weight": 1.0,
+        "--reg_data_dir": str(script.EMBEDDED_REG)}
+
+
+@pytest.mark.parametrize(
+    "argv, fields, settings, formats",
+    [
+        (["--adapter", "dora"], {"kind": "dora"}, {"--adapter": "dora"}, ["native"]),
+        (["--adapter", "loha", "--dora_wd"], {"kind": "loha", "weight_decompose": True},
+         {"--adapter": "loha", "--dora_wd": True}, ["native"]),
+        (["--adapter", "lokr", "--lokr_factor", "2", "--lokr_decompose_both", "--save_format", "native"],
+         {"kind": "lokr", "factor": 2, "decompose_both": True},
+         {"--adapter": "lokr", "--lokr_factor": 2, "--lokr_decompose_both": True}, ["native"]),
+        (["--adapter", "lokr", "--lokr_factor", "-1"], {"kind": "lokr", "factor": -1}, {"--adapter": "lokr"}, ["native"]),
+    ],
+)
+def test_kind_flags_give_the_config_fields_the_checkpoint_settings_and_native_files(script, argv, fields, settings, formats):
+    args = script.parse_args(argv)
+    assert script.adapter_kind_fields(args) == fields and script.kind_settings(args) == settings
+    assert args.save_format == formats
+    recorded = script.run_settings(args)
+    assert {k: v for k, v in recorded.items() if k in script.KIND_SETTING_DEFAULTS} == settings
+    assert recorded["--rank"] == 8  # the rest as for LoRA
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lokr_factor", "4"], "--lokr_factor is a LoKr option; it needs --adapter lokr, not --adapter lora"),
+        (["--adapter", "loha", "--lokr_decompose_both"],
+         "--lokr_decompose_both is a LoKr option; it needs --adapter lokr, not --adapter loha"),
+        (["--adapter", "lokr", "--lokr_factor", "0"], "--lokr_factor must be -1 (the most balanced split) or >= 1, got 0"),
+        (["--dora_wd"], "--dora_wd adds weight decomposition to --adapter loha / lokr; --adapter lora has none: "
+                        "for LoRA with DoRA use --adapter dora"),
+        (["--adapter", "dora", "--dora_wd"], "--dora_wd adds weight decomposition to --adapter loha / lokr; "
+                                             "--adapter dora already has it"),
+        (["--adapter", "lokr", "--save_format", "native", "kohya"],
+         "--save_format kohya: kohya files do not carry the lokr adapter kind (--adapter lokr); save it as --save_format native"),
+        (["--adapter", "loha", "--dora_wd", "--save_format", "diffusers"],
+         "--save_format diffusers: diffusers files do not carry the loha+dora adapter kind (--adapter loha --dora_wd); "
+         "save it as --save_format native"),
+        (["--adapter", "dora", "--save_format", "kohya"],
+         "--save_format kohya: kohya files do not carry the dora adapter kind (--adapter dora); save it as --save_format native"),
+        (["--adapter", "boft"], "argument --adapter: invalid choice: 'boft' (choose from 'lora', 'dora', 'loha', 'lokr')"),
+    ],
+)
+def test_kind_argument_errors_are_one_named_line_before_any_work(script, capsys, tmp_path, argv, message):
+    from train_script_helpers import command_line_error
+
+    out = tmp_path / "never"
+    line = command_line_error(script, capsys, ["--output_dir", str(out), *argv], code=2)
+    assert line.split(": error: ", 1)[1] == f"{message} (see --help)"
+    assert not out.exists()  # refused while reading the arguments: nothing was made
+
+
+def test_a_checkpoint_of_one_kind_refuses_a_resume_with_another_kind_or_factor(script, tmp_path):
+    from convlora.training.checkpoints import CheckpointError, check_settings, save_checkpoint, write_state
+
+    def checkpoint_of(argv: list[str], step: int):
+        settings = script.run_settings(script.parse_args(argv))
+        return save_checkpoint(tmp_path, step, lambda folder: write_state(folder, "progress", {"global_step": step}),
+                               info={"settings": settings})
+
+    def refusal(path, argv: list[str]) -> str:
+        with pytest.raises(CheckpointError) as err:
+            check_settings(path, script.run_settings(script.parse_args(argv)), defaults=script.KIND_SETTING_DEFAULTS)
+        return str(err.value).split(": ", 1)[1].split(". Resume", 1)[0]
+
+    lokr = checkpoint_of(["--adapter", "lokr", "--lokr_factor", "2"], 2)
+    check_settings(lokr, script.run_settings(script.parse_args(["--adapter", "lokr", "--lokr_factor", "2"])),
+                   defaults=script.KIND_SETTING_DEFAULTS)
+    assert refusal(lokr, ["--adapter", "lokr"]) == "--lokr_factor 2 (checkpoint) vs -1 (this run)"
+    assert refusal(lokr, []) == "--adapter 'lokr' (checkpoint) vs 'lora' (this run); --lokr_factor 2 (checkpoint) vs -1 (this run)"
+    lora = checkpoint_of([], 4)  # a plain LoRA checkpoint records no kind flag, as before kinds existed
+    assert "--adapter" not in json.loads((lora / "checkpoint.json").read_text())["settings"]
+    assert refusal(lora, ["--adapter", "dora"]) == "--adapter 'lora' (checkpoint) vs 'dora' (this run)"

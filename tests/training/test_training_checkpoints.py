@@ -270,6 +270,43 @@ def test_settings_must_match_and_both_values_are_named(tmp_path):
     check_settings(older, {"--lora_alpha": 16.0})
 
 
+def test_a_flag_recorded_only_off_its_default_reads_as_the_default_on_the_other_side(tmp_path):
+    defaults = {"--adapter": "lora", "--dora_wd": False}
+    path = _state_checkpoint(tmp_path)  # a plain LoRA run's checkpoint: no kind flags recorded
+    check_settings(path, {"--rank": 4, "--lora_alpha": 4.0}, defaults=defaults)
+    with pytest.raises(CheckpointError) as err:
+        check_settings(path, {"--rank": 4, "--lora_alpha": 4.0, "--adapter": "lokr"}, defaults=defaults)
+    assert str(err.value) == (f"{path} was made with other settings: --adapter 'lora' (checkpoint) vs 'lokr' (this run). "
+                              "Resume with the checkpoint's values, or start a new run in another --output_dir")
+    loha = save_checkpoint(tmp_path, 7, _writer(7), info={"settings": {"--rank": 4, "--adapter": "loha", "--dora_wd": True}})
+    with pytest.raises(CheckpointError, match=r"settings: --adapter 'loha' \(checkpoint\) vs 'lora' \(this run\); "
+                                              r"--dora_wd True \(checkpoint\) vs False \(this run\)\. Resume"):
+        check_settings(loha, {"--rank": 4}, defaults=defaults)
+
+
+def test_the_adapter_kind_of_each_module_must_match_on_resume(tmp_path):
+    from torch import nn
+
+    from convlora import LoRAConfig, inject_lora, save_lora
+    from convlora.training.checkpoints import check_adapter_unchanged
+
+    def model(**kind):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(8, 8, 3))
+        inject_lora(net, LoRAConfig(r=2, target_modules=["0", "1"], **kind))
+        return net
+
+    save_lora(model(kind="loha", weight_decompose=True), tmp_path / "unet_lora.safetensors")
+    check_adapter_unchanged(model(kind="loha", weight_decompose=True), tmp_path / "unet_lora.safetensors")
+    for kind, label in (({"kind": "lokr"}, "lokr"), ({"kind": "loha"}, "loha"), ({}, "")):
+        with pytest.raises(CheckpointError) as err:
+            check_adapter_unchanged(model(**kind), tmp_path / "unet_lora.safetensors")
+        assert str(err.value) == (
+            f"{tmp_path / 'unet_lora.safetensors'} was made with other LoRA settings (2 modules differ, e.g. 0: "
+            f"loha+dora rank 2, alpha 2.0 in the checkpoint; {label + ' ' if label else ''}rank 2, alpha 2.0 in this run); "
+            "resume with the checkpoint's --adapter / --rank / --lora_alpha / --conv_rank / --conv_alpha")
+
+
 def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
     keep = [_state_checkpoint(tmp_path), tmp_path / "checkpoint-9", tmp_path / "notes.tmp", tmp_path / ".hidden",
             tmp_path / "lora.safetensors", tmp_path / ".config.tmp"]
