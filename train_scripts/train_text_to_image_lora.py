@@ -199,6 +199,8 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
 
 #: --save_format choices (the formats of :func:`convlora.diffusion.save_pipeline_lora`).
 SAVE_FORMATS = ("diffusers", "kohya", "native")
+#: --save_format's default: those of these that carry the adapter kind (kohya files carry every kind).
+DEFAULT_SAVE_FORMATS = ("diffusers", "kohya")
 
 #: --validation_scheduler choices: the diffusers scheduler class of each.
 VALIDATION_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
@@ -254,8 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
     g.add_argument("--adapter", type=str, default="lora", choices=list(ADAPTER_KINDS),
                    help="Adapter kind (convlora.kinds), default lora; dora = LoRA + weight decomposition (DoRA); loha / lokr = "
-                        "LyCORIS's Hadamard / Kronecker products. Only the native format carries the kinds other than "
-                        "lora (their default --save_format).")
+                        "LyCORIS's Hadamard / Kronecker products (kohya files carry every kind in LyCORIS's keys; "
+                        "diffusers files carry lora and dora).")
     g.add_argument("--lokr_factor", type=int, default=None,
                    help="--adapter lokr: the Kronecker factor size to aim for (LyCORIS's factor; default -1: the most "
                         "balanced split).")
@@ -381,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output_name", type=str, default="lora", help="File name stem of the kohya and native LoRA files.")
     g.add_argument("--save_format", type=str, nargs="+", default=None, choices=list(SAVE_FORMATS),
                    help="LoRA file format(s): diffusers (pytorch_lora_weights.safetensors, for load_lora_weights), "
-                        "kohya (AUTOMATIC1111 / ComfyUI), native (convlora.diffusion.load_pipeline_lora). Default: "
-                        "diffusers kohya for --adapter lora, native for the other kinds (the only format carrying them).")
+                        "kohya (AUTOMATIC1111 / ComfyUI / LyCORIS), native (convlora.diffusion.load_pipeline_lora). "
+                        "Default: those of diffusers, kohya that carry the --adapter kind (loha / lokr: kohya).")
     g.add_argument("--checkpointing_steps", type=int, default=None,
                    help="Save a resumable checkpoint every N optimizer steps " + default("checkpointing_steps"))
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest by step deleted).")
@@ -418,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("with --pretrained_model_name_or_path, give the data too: --train_data_dir or --dataset_name")
     mode = 1 if args.embedded else 0
     if args.save_format is None:
-        args.save_format = ["diffusers", "kohya"] if args.adapter == "lora" else ["native"]
+        args.save_format = [f for f in DEFAULT_SAVE_FORMATS if adapter_label(args) in FORMAT_KINDS[f]]
     for name, values in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, values[mode])

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 PROMPT = "a photo of a sks ball"
 
 
-def test_lokr_run_trains_saves_a_native_file_that_reloads_exactly_and_validates_at_its_scale(tiny_base, toy_data, tmp_path):
+def test_lokr_run_trains_saves_a_kohya_file_that_reloads_exactly_and_validates_at_its_scale(tiny_base, toy_data, tmp_path):
     out = tmp_path / "run"
     check_ok(launch(script_args(
         tiny_base, toy_data, out, adapter="lokr", lokr_factor=2, rank=4, max_train_steps=4, checkpointing_steps=4,
@@ -37,13 +37,12 @@ def test_lokr_run_trains_saves_a_native_file_that_reloads_exactly_and_validates_
     )))
     s = summary(out)
     assert s["adapter"] == "lokr" and len(s["losses"]) == 4 and all(np.isfinite(s["losses"]))
-    # the default --save_format of a kind that is not plain LoRA: the native file only
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "lora_convlora.safetensors", "train_summary.json", "validation"]
-    tensors, header = read_safetensors(out / "lora_convlora.safetensors")
-    table = json.loads(header["convlora_modules"])
-    assert {entry["kind"] for entry in table.values()} == {"lokr"} and len(table) > 10
-    assert (header["adapter"], header["lokr_factor"], header["lokr_decompose_both"]) == ("lokr", "2", "False")
-    assert all(k.rsplit(".", 1)[1].startswith("lokr_w") for k in tensors)
+    # the default --save_format of LoKr: the kohya file (LyCORIS's keys), as diffusers files do not carry it
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "lora_kohya.safetensors", "train_summary.json", "validation"]
+    tensors, header = read_safetensors(out / "lora_kohya.safetensors")
+    assert header["ss_network_module"] == "lycoris.kohya" and json.loads(header["ss_network_args"])["algo"] == "lokr"
+    assert {k.rsplit(".", 1)[1] for k in tensors} <= {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
+    assert sum(k.endswith(".lokr_w1") for k in tensors) > 10
 
     # the file reloads to the trained model's outputs (the checkpoint holds the exact trained weights)
     from convlora.diffusion import load_pipeline_lora
@@ -53,8 +52,8 @@ def test_lokr_run_trains_saves_a_native_file_that_reloads_exactly_and_validates_
     reference = unet_out(reference_pipe.unet)
     assert not torch.allclose(reference, unet_out(load_pipeline(tiny_base).unet), atol=1e-4)  # LoKr changed something
     pipe = load_pipeline(tiny_base)
-    loaded = load_pipeline_lora(out / "lora_convlora.safetensors", unet=pipe.unet)
-    assert loaded["format"] == "native" and torch.allclose(unet_out(pipe.unet), reference, atol=1e-6)
+    loaded = load_pipeline_lora(out / "lora_kohya.safetensors", unet=pipe.unet)
+    assert loaded["format"] == "kohya" and torch.allclose(unet_out(pipe.unet), reference, atol=1e-6)
 
     # the validation grid's LoRA tile is the reloaded file at strength 0.5, not at 1
     def image_at(scale: float):

@@ -91,16 +91,16 @@ def test_the_default_adapter_is_plain_lora_with_its_formats_and_settings(script)
 @pytest.mark.parametrize(
     "argv, fields, settings, formats",
     [
-        (["--adapter", "dora"], {"kind": "dora"}, {"--adapter": "dora"}, ["native"]),
+        (["--adapter", "dora"], {"kind": "dora"}, {"--adapter": "dora"}, ["diffusers", "kohya"]),
         (["--adapter", "loha", "--dora_wd"], {"kind": "loha", "weight_decompose": True},
-         {"--adapter": "loha", "--dora_wd": True}, ["native"]),
+         {"--adapter": "loha", "--dora_wd": True}, ["kohya"]),
         (["--adapter", "lokr", "--lokr_factor", "2", "--lokr_decompose_both", "--save_format", "native"],
          {"kind": "lokr", "factor": 2, "decompose_both": True},
          {"--adapter": "lokr", "--lokr_factor": 2, "--lokr_decompose_both": True}, ["native"]),
-        (["--adapter", "lokr", "--lokr_factor", "-1"], {"kind": "lokr", "factor": -1}, {"--adapter": "lokr"}, ["native"]),
+        (["--adapter", "lokr", "--lokr_factor", "-1"], {"kind": "lokr", "factor": -1}, {"--adapter": "lokr"}, ["kohya"]),
     ],
 )
-def test_kind_flags_give_the_config_fields_the_checkpoint_settings_and_native_files(script, argv, fields, settings, formats):
+def test_kind_flags_give_the_config_fields_the_checkpoint_settings_and_file_formats(script, argv, fields, settings, formats):
     args = script.parse_args(argv)
     assert script.adapter_kind_fields(args) == fields and script.kind_settings(args) == settings
     assert args.save_format == formats
@@ -120,13 +120,12 @@ def test_kind_flags_give_the_config_fields_the_checkpoint_settings_and_native_fi
                         "for LoRA with DoRA use --adapter dora"),
         (["--adapter", "dora", "--dora_wd"], "--dora_wd adds weight decomposition to --adapter loha / lokr; "
                                              "--adapter dora already has it"),
-        (["--adapter", "lokr", "--save_format", "native", "kohya"],
-         "--save_format kohya: kohya files do not carry the lokr adapter kind (--adapter lokr); save it as --save_format native"),
+        (["--adapter", "lokr", "--save_format", "native", "diffusers"],
+         "--save_format diffusers: diffusers files do not carry the lokr adapter kind (--adapter lokr); "
+         "save it as --save_format native, kohya"),
         (["--adapter", "loha", "--dora_wd", "--save_format", "diffusers"],
          "--save_format diffusers: diffusers files do not carry the loha+dora adapter kind (--adapter loha --dora_wd); "
-         "save it as --save_format native"),
-        (["--adapter", "dora", "--save_format", "kohya"],
-         "--save_format kohya: kohya files do not carry the dora adapter kind (--adapter dora); save it as --save_format native"),
+         "save it as --save_format native, kohya"),
         (["--adapter", "boft"], "argument --adapter: invalid choice: 'boft' (choose from 'lora', 'dora', 'loha', 'lokr')"),
     ],
 )
