@@ -223,15 +223,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def default(name: str) -> str:
-        own, embedded = MODE_DEFAULTS[name]
-        return f"(default: {own}; {embedded} for the embedded no-argument run)"
+def _mode_default_help(name: str) -> str:
+    """The --help note of an option whose default differs in the embedded no-argument run."""
+    own, embedded = MODE_DEFAULTS[name]
+    return f"(default: {own}; {embedded} for the embedded no-argument run)"
 
-    p = ArgumentParser(
-        description="Train a text-to-image LoRA (attention + conv) with accelerate. No arguments: the embedded demo.",
-        formatter_class=HelpFormatter,
-    )
+
+def _add_model_arguments(p: ArgumentParser) -> None:
+    """The --help group "model"."""
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="SD-1.x/2.x or SDXL pipeline folder (unet/, vae/, text_encoder/[, text_encoder_2/], tokenizer/, "
@@ -245,8 +244,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                    help="What the UNet learns to predict. Omitted: the scheduler config's prediction_type.")
 
+
+def _add_lora_arguments(p: ArgumentParser) -> None:
+    """The --help group "LoRA"."""
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=None, help="Rank of the LoRA updates " + default("rank"))
+    g.add_argument("--rank", type=int, default=None, help="Rank of the LoRA updates " + _mode_default_help("rank"))
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank. Omitted: alpha = rank.")
     g.add_argument("--unet_preset", type=str, default="full", choices=["attn", "attn-ff", "full"],
                    help="UNet layers that get LoRA: 'attn' = to_q/k/v/out (diffusers' set), 'attn-ff' = + proj_in/out "
@@ -276,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--text_encoder_2_lr", type=float, default=None,
                    help="SDXL: learning rate of the second text encoder's LoRA. Omitted: --text_encoder_lr.")
 
+
+def _add_data_arguments(p: ArgumentParser) -> None:
+    """The --help group "data"."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None,
                    help="A `datasets` dataset: hub name, local dataset folder, or a save_to_disk folder.")
@@ -286,11 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--image_column", type=str, default="image", help="Image column of a --dataset_name dataset.")
     g.add_argument("--caption_column", type=str, default="text", help="Caption column (dataset) or key (metadata.jsonl).")
     g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N samples (for quick runs).")
-    g.add_argument("--resolution", type=int, default=None, help="Training image side in pixels " + default("resolution"))
+    g.add_argument("--resolution", type=int, default=None, help="Training image side in pixels " + _mode_default_help("resolution"))
     g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=None,
-                   help="Crop the centre after resizing the shorter side; otherwise a random crop " + default("center_crop"))
+                   help="Crop the centre after resizing the shorter side; otherwise a random crop " + _mode_default_help("center_crop"))
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="Mirror half of the samples horizontally " + default("random_flip"))
+                   help="Mirror half of the samples horizontally " + _mode_default_help("random_flip"))
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="Probability of training a sample with the empty caption (kohya's caption_dropout_rate).")
     g.add_argument("--cache_latents", action="store_true",
@@ -314,17 +319,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: in the main process).")
     g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
+
+def _add_prior_arguments(p: ArgumentParser) -> None:
+    """The --help group "prior preservation (DreamBooth)"."""
     g = p.add_argument_group("prior preservation (DreamBooth)")
     g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
                    help="Train every batch on as many class images as instance images; loss = instance loss + "
-                        "--prior_loss_weight x class loss, so the base's knowledge of the class is kept " + default("with_prior_preservation"))
+                        "--prior_loss_weight x class loss, so the base's knowledge of the class is kept " + _mode_default_help("with_prior_preservation"))
     g.add_argument("--class_data_dir", type=str, default=None,
                    help="Cache of generated class images (made by the frozen base when missing, with a class_images.json "
                         "of their settings; a cache from other settings is an error). Embedded run: <output_dir>/class_images.")
     g.add_argument("--class_prompt", type=str, nargs="+", default=None,
                    help="Prompt(s) of the class images, --num_class_images each. Embedded run: the nine known classes.")
-    g.add_argument("--num_class_images", type=int, default=None, help="Class images per class prompt " + default("num_class_images"))
-    g.add_argument("--prior_loss_weight", type=float, default=None, help="Weight of the class loss " + default("prior_loss_weight"))
+    g.add_argument("--num_class_images", type=int, default=None, help="Class images per class prompt " + _mode_default_help("num_class_images"))
+    g.add_argument("--prior_loss_weight", type=float, default=None, help="Weight of the class loss " + _mode_default_help("prior_loss_weight"))
     g.add_argument("--class_inference_steps", type=int, default=None,
                    help="Sampler steps of a generated class image (the pipeline folder's own sampler). Omitted: "
                         "--validation_inference_steps; 50 for the embedded run.")
@@ -333,27 +341,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--class_seed", type=int, default=0,
                    help="Seed of the generated class images (image i of a prompt always from the same seed), apart from "
                         "--seed so that runs with other seeds share one cache.")
-    g.add_argument("--sample_batch_size", type=int, default=None, help="Class images per pipeline call " + default("sample_batch_size"))
+    g.add_argument("--sample_batch_size", type=int, default=None, help="Class images per pipeline call " + _mode_default_help("sample_batch_size"))
     g.add_argument("--reg_data_dir", type=str, default=None,
                    help="Class (regularisation) images of your own instead of generated ones: kohya N_name folders "
                         "(or a captioned folder); needs --with_prior_preservation.")
 
+
+def _add_training_arguments(p: ArgumentParser) -> None:
+    """The --help group "training"."""
     g = p.add_argument_group("training")
     g.add_argument("--train_batch_size", type=int, default=None,
                    help="Batch size per process (with prior preservation: instance images, plus as many class images) "
-                        + default("train_batch_size"))
-    g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, unless --max_train_steps is set " + default("num_train_epochs"))
-    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs " + default("max_train_steps"))
+                        + _mode_default_help("train_batch_size"))
+    g.add_argument("--num_train_epochs", type=int, default=None, help="Epochs, unless --max_train_steps is set " + _mode_default_help("num_train_epochs"))
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs " + _mode_default_help("max_train_steps"))
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in backward (less memory, slower); non-reentrant in the UNet and the "
                         "trained text encoders, so every LoRA gets its gradient.")
-    g.add_argument("--learning_rate", type=float, default=None, help="Learning rate after warmup " + default("learning_rate"))
+    g.add_argument("--learning_rate", type=float, default=None, help="Learning rate after warmup " + _mode_default_help("learning_rate"))
     g.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x batch size x accumulation.")
     g.add_argument("--lr_scheduler", type=str, default=None,
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-                   help="Learning-rate schedule " + default("lr_scheduler"))
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warmup optimizer steps " + default("lr_warmup_steps"))
+                   help="Learning-rate schedule " + _mode_default_help("lr_scheduler"))
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Warmup optimizer steps " + _mode_default_help("lr_warmup_steps"))
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 recommended); omitted: plain MSE.")
@@ -376,17 +387,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "bf16 / fp16 / fp32; dequantized per layer into the compute dtype (--mixed_precision). "
                         "Default: the mixed-precision dtype. Saved LoRA files are the same whatever the base.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--seed", type=int, default=None, help="Seed of every random choice " + default("seed") + "; omitted: drawn and recorded.")
+    g.add_argument("--seed", type=int, default=None, help="Seed of every random choice " + _mode_default_help("seed") + "; omitted: drawn and recorded.")
 
+
+def _add_output_arguments(p: ArgumentParser) -> None:
+    """The --help group "checkpoints and outputs"."""
     g = p.add_argument_group("checkpoints and outputs")
-    g.add_argument("--output_dir", type=str, default=None, help="Where everything is written " + default("output_dir"))
+    g.add_argument("--output_dir", type=str, default=None, help="Where everything is written " + _mode_default_help("output_dir"))
     g.add_argument("--output_name", type=str, default="lora", help="File name stem of the kohya and native LoRA files.")
     g.add_argument("--save_format", type=str, nargs="+", default=None, choices=list(SAVE_FORMATS),
                    help="LoRA file format(s): diffusers (pytorch_lora_weights.safetensors, for load_lora_weights), "
                         "kohya (AUTOMATIC1111 / ComfyUI / LyCORIS), native (convlora.diffusion.load_pipeline_lora). "
                         "Default: those of diffusers, kohya that carry the --adapter kind (loha / lokr: kohya).")
     g.add_argument("--checkpointing_steps", type=int, default=None,
-                   help="Save a resumable checkpoint every N optimizer steps " + default("checkpointing_steps"))
+                   help="Save a resumable checkpoint every N optimizer steps " + _mode_default_help("checkpointing_steps"))
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest by step deleted).")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="A checkpoint folder (or bare checkpoint-N in --output_dir) to continue from, or 'latest' "
@@ -394,27 +408,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'.")
 
+
+def _add_validation_arguments(p: ArgumentParser) -> None:
+    """The --help group "validation"."""
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", type=str, nargs="+", default=None,
                    help="Prompt(s) sampled at validation, base vs LoRA side by side. Embedded run: the new concept and two known classes.")
-    g.add_argument("--num_validation_images", type=int, default=None, help="Images per prompt " + default("num_validation_images"))
-    g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs " + default("validation_epochs"))
+    g.add_argument("--num_validation_images", type=int, default=None, help="Images per prompt " + _mode_default_help("num_validation_images"))
+    g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs " + _mode_default_help("validation_epochs"))
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps (instead of epochs).")
     g.add_argument("--validation_inference_steps", type=int, default=None,
-                   help="Denoising steps per validation image " + default("validation_inference_steps"))
+                   help="Denoising steps per validation image " + _mode_default_help("validation_inference_steps"))
     g.add_argument("--validation_scheduler", type=str, default=None, choices=sorted(VALIDATION_SCHEDULERS),
                    help="Sampler of the validation images (" + ", ".join(f"{k} = {v}" for k, v in VALIDATION_SCHEDULERS.items())
-                        + ") " + default("validation_scheduler") + "; None: the pipeline folder's own.")
+                        + ") " + _mode_default_help("validation_scheduler") + "; None: the pipeline folder's own.")
     g.add_argument("--validation_guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale at validation " + default("validation_guidance_scale"))
+                   help="Classifier-free guidance scale at validation " + _mode_default_help("validation_guidance_scale"))
     g.add_argument("--validation_lora_scale", type=float, default=1.0,
                    help="LoRA strength of the validation samples (0 = the base, 1 = as trained); the saved files do not change.")
     g.add_argument("--validation_score_classes", type=str, nargs="+", default=None,
                    help="One Fashion-MNIST class per --validation_prompt ('-' to skip): report the share of its images the "
                         "classifier in examples/tiny-sd-fashion/classifier recognises as that class, base vs LoRA.")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
-    args = p.parse_args(argv)
+
+def _resolve_defaults(args: argparse.Namespace, p: ArgumentParser) -> None:
+    """Fill the defaults that depend on other options (the embedded run, the adapter kind), then check
+    the combination; a problem is one argparse error line."""
     args.embedded = args.pretrained_model_name_or_path is None
     if not args.embedded and args.train_data_dir is None and args.dataset_name is None:
         p.error("with --pretrained_model_name_or_path, give the data too: --train_data_dir or --dataset_name")
@@ -442,6 +461,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = argument_problem(args)
     if problem:
         p.error(problem)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: argparse groups as in --help, then the defaults that depend on each other."""
+    p = ArgumentParser(
+        description="Train a text-to-image LoRA (attention + conv) with accelerate. No arguments: the embedded demo.",
+        formatter_class=HelpFormatter,
+    )
+    _add_model_arguments(p)
+    _add_lora_arguments(p)
+    _add_data_arguments(p)
+    _add_prior_arguments(p)
+    _add_training_arguments(p)
+    _add_output_arguments(p)
+    _add_validation_arguments(p)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+    args = p.parse_args(argv)
+    _resolve_defaults(args, p)
     return args
 
 
