@@ -17,7 +17,7 @@ from pathlib import Path
 
 from convlora.formats.detect import FORMATS, detect_format, lora_file_of
 from convlora.formats.diffusers import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
-from convlora.formats.diffusers import check_diffusers_kinds, from_diffusers, to_diffusers
+from convlora.formats.diffusers import from_diffusers, to_diffusers
 from convlora.formats.kohya import SDXL_BASE_MODEL_VERSION, SDXL_UNET_LAYOUT, from_kohya, to_kohya
 from convlora.formats.ldm_names import LDMNames
 from convlora.formats.native import from_native, to_native
@@ -121,8 +121,6 @@ def write_lora_file(
     """
     if ldm_names is not None and fmt != "kohya":
         raise ValueError(f"LDM module names are a kohya spelling; {fmt} files name modules by their diffusers paths")
-    if fmt == "diffusers":
-        check_diffusers_kinds(weights.modules)
     check_kinds_for_format(weights.modules, fmt)
     path = Path(path)
     if fmt == "peft":

@@ -22,7 +22,7 @@ per component, so a component is all DoRA or none. Text-encoder magnitudes are w
 lands on the parameter ``lora_magnitude_vector.<adapter>.weight`` (without ``.weight`` the magnitude is
 reported unexpected and left at its initial value). Reading accepts both spellings. LoHa and LoKr are not written: diffusers' SD-1.x /
 SDXL ``load_lora_weights`` (``loaders/lora_pipeline.py``) refuses any key without ``"lora"`` in it,
-which their ``hada_*`` / ``lokr_*`` keys are (:func:`check_diffusers_kinds`).
+which their ``hada_*`` / ``lokr_*`` keys are (:data:`convlora.formats.weights.FORMAT_KIND_LIMITS`).
 
 Reading also accepts diffusers' older spellings (``.lora.down.weight`` / ``.lora.up.weight``,
 ``.lora_linear_layer.down.weight``, ``.processor.to_q_lora.down.weight``) and ``<path>.alpha``
@@ -150,30 +150,6 @@ def from_diffusers(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str
 
 def _flat_clip_path(path: str) -> str:
     return path[len("text_model.") :] if path.startswith("text_model.") else path
-
-
-def check_diffusers_kinds(modules: Mapping[str, LoRAModule]) -> None:
-    """Refuse LoHa / LoKr (with or without DoRA) for diffusers files, saying why.
-
-    diffusers' ``StableDiffusionLoraLoaderMixin.load_lora_weights`` (and SDXL's) raise "Invalid LoRA
-    checkpoint" unless every key contains ``"lora"`` (``loaders/lora_pipeline.py``); LoHa's ``hada_*`` and
-    LoKr's ``lokr_*`` keys do not, and its PEFT ``LoraConfig`` has no Hadamard or Kronecker product.
-
-    Raises:
-        LoRAFormatError: naming the kinds and a few of their modules.
-    """
-    bad: dict[str, list[str]] = {}
-    for path, module in modules.items():
-        if module.kind.name != "lora":
-            bad.setdefault(module.kind.label, []).append(path)
-    if bad:
-        detail = "; ".join(f"{label} ({', '.join(sorted(paths)[:3])}" + (f", ... {len(paths) - 3} more" if len(paths) > 3 else "") + ")"
-                           for label, paths in sorted(bad.items()))
-        raise LoRAFormatError(
-            f"diffusers files do not carry these adapter kinds: {detail}. diffusers' StableDiffusion / SDXL "
-            "load_lora_weights refuses every key without 'lora' in it, as LoHa's hada_* and LoKr's lokr_* keys are, "
-            "and loads LoRA and DoRA only. Save it as native, or as peft (LoHaConfig / LoKrConfig) for one model."
-        )
 
 
 def _component_uses_dora(component: str, modules: Mapping[str, LoRAModule]) -> bool:

@@ -289,7 +289,7 @@ def _add_diffusers_kind_losses(v: Verdict, keys: list[str]) -> None:
 
 def _no_lora_keys(keys: list[str]) -> str | None:
     """Why diffusers' SD-1.x / SDXL ``load_lora_weights`` refuses keys without ``lora`` ("Invalid LoRA
-    checkpoint", ``loaders/lora_pipeline.py``; :func:`convlora.formats.diffusers.check_diffusers_kinds`)."""
+    checkpoint", ``loaders/lora_pipeline.py``; :data:`convlora.formats.weights.FORMAT_KIND_LIMITS`)."""
     no_lora = [k for k in keys if "lora" not in k]
     if not no_lora:
         return None

@@ -205,11 +205,22 @@ FORMAT_KINDS: dict[str, frozenset[str]] = {
 }
 
 
+#: Why a format lacks the kinds it lacks (from its loader's source), added to the refusal.
+FORMAT_KIND_LIMITS: dict[str, str] = {
+    "diffusers": (
+        "diffusers' StableDiffusion / SDXL load_lora_weights refuses every key without 'lora' in it, as LoHa's "
+        "hada_* and LoKr's lokr_* keys are (loaders/lora_pipeline.py), and loads LoRA and DoRA only"
+    ),
+    "peft": "PEFT's LoHaConfig / LoKrConfig have no weight decomposition (DoRA)",
+}
+
+
 def check_kinds_for_format(modules: Mapping[str, LoRAModule], fmt: str) -> None:
     """Refuse adapter kinds ``fmt``'s files do not carry.
 
     Raises:
-        LoRAFormatError: naming the kinds, a few of their modules, and the formats that do carry them.
+        LoRAFormatError: naming the kinds, a few of their modules, the formats that do carry them and
+            why ``fmt`` does not (:data:`FORMAT_KIND_LIMITS`).
     """
     if fmt not in FORMAT_KINDS:
         return  # an unknown format is the writer's error to name
@@ -221,9 +232,10 @@ def check_kinds_for_format(modules: Mapping[str, LoRAModule], fmt: str) -> None:
     if bad:
         detail = "; ".join(
             f"{label} ({_short(paths, 3)}; carried by {', '.join(f for f, k in FORMAT_KINDS.items() if label in k)})"
-            for label, paths in bad.items()
+            for label, paths in sorted(bad.items())
         )
-        raise LoRAFormatError(f"{fmt} files do not carry these adapter kinds: {detail}")
+        why = f". {FORMAT_KIND_LIMITS[fmt]}" if fmt in FORMAT_KIND_LIMITS else ""
+        raise LoRAFormatError(f"{fmt} files do not carry these adapter kinds: {detail}{why}")
 
 
 def conv_geometry_problems(geometries: Mapping[str, dict[str, Any] | None], allow_groups: bool = False) -> list[str]:

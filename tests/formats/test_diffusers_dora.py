@@ -170,9 +170,9 @@ def test_loha_and_lokr_are_refused_for_diffusers_with_the_reason(kind, template,
     convlora.inject_lora(pipe.unet, convlora.LoRAConfig(r=2, kind=kind, target_modules=["to_q", "to_k"]))
     with pytest.raises(LoRAFormatError, match=(
         rf"^diffusers files do not carry these adapter kinds: {kind} \(unet\.down_blocks\.1\.attentions\.0\.transformer_blocks"
-        r"\.0\.attn1\.to_k, .*, \.\.\. \d+ more\)\. diffusers' StableDiffusion / SDXL load_lora_weights refuses every key "
-        r"without 'lora' in it, as LoHa's hada_\* and LoKr's lokr_\* keys are, and loads LoRA and DoRA only\. Save it "
-        r"as native, or as peft \(LoHaConfig / LoKrConfig\) for one model\.$"
+        r"\.0\.attn1\.to_q, .*; carried by native, kohya, peft\)\. diffusers' StableDiffusion / SDXL load_lora_weights "
+        r"refuses every key without 'lora' in it, as LoHa's hada_\* and LoKr's lokr_\* keys are \(loaders/lora_pipeline\.py\), "
+        r"and loads LoRA and DoRA only$"
     )):
         save_pipeline_lora(tmp_path / "p.safetensors", unet=pipe.unet, format="diffusers")
     assert not list(tmp_path.iterdir())
