@@ -328,14 +328,18 @@ class LoHaAdapter(AdapterBase):
         return ((w1a @ w1b) * (w2a @ w2b) * self.trained_scaling).view(self.delta_shape)
 
 
-def lokr_shapes(delta_shape: Sequence[int], r: int, factor: int = -1, decompose_both: bool = False) -> dict[str, tuple[int, ...]]:
+def lokr_shapes(
+    delta_shape: Sequence[int], r: int, factor: int = -1, decompose_both: bool = False, factorize=None
+) -> dict[str, tuple[int, ...]]:
     """LoKr's parameter shapes for a delta-layout shape ``(out, in/g, *k)``, as LyCORIS's ``LokrModule`` builds them.
 
-    ``(a, b) = factorization(out)``, ``(c, d) = factorization(in/g)``; keys are the parameter names present.
+    ``(a, b) = factorize(out, factor)``, ``(c, d) = factorize(in/g, factor)`` (default :func:`factorization`,
+    LyCORIS's; PEFT's LoKr splits with its own, same rule otherwise); keys are the parameter names present.
     """
+    factorize = factorization if factorize is None else factorize
     n_out, n_in, *kernel = (int(s) for s in delta_shape)
-    a, b = factorization(n_out, factor)
-    c, d = factorization(n_in, factor)
+    a, b = factorize(n_out, factor)
+    c, d = factorize(n_in, factor)
     shapes: dict[str, tuple[int, ...]] = {}
     if decompose_both and r < max(a, c) / 2:
         shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, r), (r, c)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from convlora.formats.weights import LoRAFormatError, LoRAModule
-from convlora.kinds import AdapterKind, LoHaAdapter, LoKrAdapter, lokr_rank_of
+from convlora.kinds import AdapterKind, LoHaAdapter, LoKrAdapter, lokr_rank_of, lokr_shapes
 
 MAGNITUDE = "lora_magnitude_vector"
 LOHA_NAMES = LoHaAdapter.factor_names
@@ -115,20 +115,9 @@ def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 def peft_lokr_shapes(delta_shape: Sequence[int], r: int, factor: int, decompose_both: bool) -> dict[str, tuple[int, ...]]:
     """The LoKr parameter shapes PEFT's ``LoKrLayer.update_layer`` builds for a base weight ``(out, in/g, *k)``
-    (``use_effective_conv2d=False``)."""
-    n_out, n_in, *kernel = (int(s) for s in delta_shape)
-    a, b = peft_factorization(n_out, factor)
-    c, d = peft_factorization(n_in, factor)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if decompose_both and r < max(a, c) / 2:
-        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, r), (r, c)
-    else:
-        shapes["lokr_w1"] = (a, c)
-    if r < max(b, d) / 2:
-        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (b, r), (r, d * math.prod(kernel))
-    else:
-        shapes["lokr_w2"] = (b, d, *kernel)
-    return shapes
+    (``use_effective_conv2d=False``): LyCORIS's rule (:func:`convlora.kinds.lokr_shapes`) with PEFT's
+    :func:`peft_factorization`."""
+    return lokr_shapes(delta_shape, r, factor, decompose_both, factorize=peft_factorization)
 
 
 def lokr_peft_ranks(modules: Mapping[str, LoRAModule], base_shapes: Mapping[str, tuple[int, ...]]
