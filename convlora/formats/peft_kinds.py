@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from convlora.formats.weights import LoRAFormatError, LoRAModule
-from convlora.kinds import AdapterKind, LoHaAdapter, LoKrAdapter, lokr_rank_of, lokr_shapes
+from convlora.kinds import AdapterKind, LoHaAdapter, LoKrAdapter, factorization, lokr_rank_of, lokr_shapes
 
 MAGNITUDE = "lora_magnitude_vector"
 LOHA_NAMES = LoHaAdapter.factor_names
@@ -96,21 +96,12 @@ def is_peft_conv1d_full_kron(factors: Mapping[str, torch.Tensor]) -> bool:
 
 
 def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """PEFT's ``factorization`` (``tuners/lokr/layer.py``): LyCORIS's, except that ``(factor, dimension /
-    factor)`` for a dividing ``factor`` is returned unordered."""
+    """PEFT's ``factorization`` (``tuners/lokr/layer.py``): LyCORIS's (:func:`convlora.kinds.factorization`),
+    except that ``(factor, dimension / factor)`` for a dividing ``factor`` is returned unordered, and that
+    only ``-1`` means "no limit" (any other negative ``factor`` stops at ``(1, dimension)``, as 0 does)."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
-    limit = dimension if factor == -1 else factor
-    m, n = 1, dimension
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > m + n or new_m > limit:
-            break
-        m, n = new_m, new_n
-    return (n, m) if m > n else (m, n)
+    return factorization(dimension, factor if factor >= -1 else 0)
 
 
 def peft_lokr_shapes(delta_shape: Sequence[int], r: int, factor: int, decompose_both: bool) -> dict[str, tuple[int, ...]]:

@@ -357,3 +357,14 @@ def test_peft_dora_folder_missing_a_magnitude_is_named(tmp_path):
                                               r"2 of 3 modules have a lora_magnitude_vector \(not: c1\)$"):
         load_peft_adapter(ours, tmp_path / "peft")
     assert not convlora.lora_layers(ours)
+
+
+def test_peft_factorization_equals_peft_own_for_every_size_and_factor():
+    """The split PEFT's LoKrConfig builds with (its ``tuners/lokr/layer.py`` ``factorization``), including
+    the unordered dividing factor and negative factors other than -1."""
+    from peft.tuners.lokr.layer import factorization as peft_own
+
+    from convlora.formats.peft_kinds import peft_factorization
+
+    cases = [(d, f) for d in range(1, 1300) for f in (*range(-3, 40), 64, 128, 256)]
+    assert [peft_factorization(d, f) for d, f in cases] == [tuple(peft_own(d, f)) for d, f in cases]
