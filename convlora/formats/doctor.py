@@ -481,14 +481,9 @@ def _comfyui_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) ->
             f"never from {METADATA_KEY}), alpha/r -> applied: {_short(off)}"
         )
     v.status = "no" if view.skipped or magnitudes else "wrong" if off else "ok"
-    output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
-    if output_axis:
-        v.reasons.append(
-            f"computes another weight for {len(output_axis)} DoRA module(s): their dora_scale is per output channel, "
-            "and its weight_decompose (comfy/weight_adapter/base.py) then divides by the base weight's row norms "
-            f"||W||, not by those of W + ΔW: {_short(output_axis, 4)}"
-        )
-        v.status = "no" if v.status == "no" else "wrong"
+    _add_dora_axis_loss(v, view, "their dora_scale is per output channel, and its weight_decompose "
+                        "(comfy/weight_adapter/base.py) then divides by the base weight's row norms ||W||, not by "
+                        "those of W + ΔW")
     renamed = [file.kohya_stem(s) for s in view.skipped + [o.split(" (")[0] for o in off]]
     v.reasons += _kohya_fix(fmt, file, renamed, lambda k: comfyui_maps(k, unet_names), unet_names)
     v.reasons += _no_alpha_note(fmt, file)
@@ -531,14 +526,8 @@ def _a1111_verdict(fmt: str, file: _FileKeys, unet_names: UNetNames | None) -> V
         v.status = "no"
         v.reasons.insert(0, f"fails to load the whole file ('Could not find a module type' in networks.py load_network): no "
                             f"module type accepts the keys of {len(view.unaccepted)} module(s): {_short(view.unaccepted, 4)}")
-    output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
-    if output_axis:
-        v.reasons.append(
-            f"computes another weight for {len(output_axis)} DoRA module(s): its apply_weight_decompose (network.py) "
-            "always normalises per input channel, and their dora_scale is per output channel: "
-            f"{_short(output_axis, 4)}"
-        )
-        v.status = "no" if v.status == "no" else "wrong"
+    _add_dora_axis_loss(v, view, "its apply_weight_decompose (network.py) always normalises per input channel, "
+                        "and their dora_scale is per output channel")
     problems = [s for s in view.skipped if s not in dotted] + list(view.misplaced) + [o.split(" (")[0] for o in off]
     renamed = [file.kohya_stem(s) for s in problems] + [k for s in dotted for k in file.kohya_stems_under(s)]
     v.reasons += _kohya_fix(fmt, file, renamed, lambda k: a1111_target(k, unet_names) == "", unet_names)
@@ -552,6 +541,15 @@ def _renumbered(stem: str, unet_names: UNetNames | None) -> bool:
     """A diffusers-spelled UNet name of a base module that A1111's SD-1.x numbering loses."""
     flat = stem[len("lora_unet_") :]
     return unet_names is not None and unet_names.ldm_of_flat(flat) is not None and a1111_unet_name(flat) is not None
+
+
+def _add_dora_axis_loss(v: Verdict, view, why: str) -> None:
+    """A UI loader's verdict on a file's output-axis (convlora / LyCORIS) DoRA modules: it computes another
+    weight for them, ``why``; at least "wrong"."""
+    output_axis = sorted(s for s, axis in view.dora.items() if axis == "output")
+    if output_axis:
+        v.reasons.append(f"computes another weight for {len(output_axis)} DoRA module(s): {why}: {_short(output_axis, 4)}")
+        v.status = "no" if v.status == "no" else "wrong"
 
 
 def _kohya_fix(fmt: str, file: _FileKeys, renamed: list[str | None], loads, unet_names: UNetNames | None) -> list[str]:
