@@ -22,6 +22,7 @@ from convlora.training.prior import (
     check_prior_args,
     class_image_source,
     collate_pairs,
+    base_targets,
     generate_class_images,
     prior_loss,
 )
@@ -151,8 +152,96 @@ def test_prior_loss_is_instance_loss_plus_weighted_class_loss():
     (dict(with_prior=True, class_prompt=["a dog"]), "needs --class_prompt and --class_data_dir"),
     (dict(with_prior=True, reg_data_dir="r", class_prompt=["a dog"]), "--reg_data_dir gives the class images"),
     (dict(with_prior=True, class_prompt=["a", "a"], class_data_dir="c"), "--class_prompt lists a prompt twice"),
+    (dict(prior_target="base"), "--prior_target is for prior preservation: add --with_prior_preservation"),
+    (dict(with_prior=True, class_prompt=["a"], class_data_dir="c", prior_target="base", train_text_encoder=True),
+     "--prior_target base compares with the frozen base's predictions, .* use --prior_target noise"),
 ])
 def test_prior_flags_that_do_not_fit_together(kwargs, message):
     given = {**dict(with_prior=False, class_data_dir=None, class_prompt=None, reg_data_dir=None, enable_bucket=False), **kwargs}
     with pytest.raises(ValueError, match=message):
         check_prior_args(**given)
+
+
+# ---- --prior_target base: the class half's target is the frozen base's prediction ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_inputs(tiny_base):
+    """The tiny base's UNet, a copy with a new rank-4 LoRA (B = 0), and inputs for a batch of 2 + 2."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from convlora import inject_lora
+    from convlora.diffusion import unet_lora_config
+
+    base = UNet2DConditionModel.from_pretrained(str(tiny_base), subfolder="unet")
+    unet = copy.deepcopy(base)
+    inject_lora(unet, unet_lora_config("full", rank=4))
+    unet.train()  # as in training: unmerged
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, base.config.in_channels, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 20, 900])
+    states = torch.randn(4, 7, base.config.cross_attention_dim, generator=g)
+    return base, unet, x, t, states
+
+
+def _prediction(model, x, t, states, part=slice(None)):
+    return model(x[part], t[part], encoder_hidden_states=states[part], return_dict=False)[0]
+
+
+def _base_prediction(unet, x, t, states):
+    from convlora import disable_lora
+
+    def base_prediction(part):
+        assert not torch.is_grad_enabled()
+        with disable_lora(unet):
+            return _prediction(unet, x, t, states, part)
+
+    return base_prediction
+
+
+def test_base_targets_replace_only_the_class_half_with_the_base_prediction(tiny_unet_inputs):
+    import copy
+
+    from convlora import lora_state_dict
+
+    base, unet, x, t, states = tiny_unet_inputs
+    unet = copy.deepcopy(unet)
+    with torch.no_grad():  # a trained-looking LoRA: every B non-zero
+        for name, tensor in lora_state_dict(unet).items():
+            if name.endswith("lora_B"):
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    is_class, noise = torch.tensor([False, False, True, True]), torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    targets = base_targets(noise, is_class, _base_prediction(unet, x, t, states))
+    with torch.no_grad():
+        expected = _prediction(base, x, t, states, slice(2, 4))
+        lora_pred = _prediction(unet, x, t, states, slice(2, 4))
+    assert torch.equal(targets[:2], noise[:2]) and torch.equal(targets[2:], expected)  # the base, bit for bit
+    assert (lora_pred - expected).abs().max() > 1e-3  # and the LoRA does change the class samples' prediction
+    with pytest.raises(ValueError, match=r"B instance samples then B class samples, got is_class=\[False, True, True, True\]"):
+        base_targets(noise, torch.tensor([False, True, True, True]), _base_prediction(unet, x, t, states))
+    with pytest.raises(ValueError, match=r"the base prediction has shape \(1, 4, 8, 8\), the class targets \(2, 4, 8, 8\)"):
+        base_targets(noise, is_class, lambda part: noise[:1])
+
+
+def test_with_base_targets_a_new_lora_has_a_class_loss_of_zero(tiny_unet_inputs):
+    _, unet, x, t, states = tiny_unet_inputs  # B = 0: the LoRA's prediction is the base's
+    is_class, noise = torch.tensor([False, False, True, True]), torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    targets = base_targets(noise, is_class, _base_prediction(unet, x, t, states))
+    full = base_targets(noise, is_class, lambda part: _base_prediction(unet, x, t, states)(slice(None))[part])
+    pred = _prediction(unet, x, t, states)
+    assert torch.equal(full[2:], pred[2:].detach())  # the same batch shape: exactly the LoRA's own prediction
+    losses = {}
+
+    def loss_of(part):
+        losses[part.start] = ((pred[part] - targets[part]) ** 2).mean()
+        return losses[part.start]
+
+    total = prior_loss(loss_of, is_class, 1.0)
+    # 0 up to rounding: the base pass sees 2 samples, the LoRA's 4, and batch shapes change the last bits
+    assert losses[2].item() < 1e-11 and total.item() == pytest.approx(losses[0].item(), rel=1e-9) and losses[0].item() > 1e-3
+    total.backward()
+    grads = [p.grad for n, p in unet.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)  # the instance half still trains the LoRA
+    unet.zero_grad(set_to_none=True)
