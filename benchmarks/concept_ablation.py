@@ -23,6 +23,7 @@ each known class's score as a fraction of the base's (drift), the lowest of thos
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import importlib.util
 import json
@@ -103,6 +104,10 @@ def full_finetune_run(seed: int, out: Path, lr: float, extra: list[str], base_sc
     script.prepare_class_images(args, accelerator)
     models = script.load_models(args, accelerator)
     unload(models.unet)
+    # --prior_target base: the class targets come from a frozen copy of the base (there is no LoRA to switch off)
+    frozen = copy.deepcopy(models.unet).requires_grad_(False)
+    script.frozen_base_prediction = lambda accelerator, run, latents, timesteps, conditions, part: frozen(
+        latents[part], timesteps[part], **script.batch_part(conditions, part), return_dict=False)[0]
     models.unet.requires_grad_(True)
     # every UNet weight is a trained parameter: the script's optimizer, schedule and step take them all
     script.adapter_parameters = lambda model, bias=None: dict(model.named_parameters())

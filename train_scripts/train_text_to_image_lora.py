@@ -87,6 +87,7 @@ from convlora import (  # noqa: E402
     disable_lora,
     inject_lora,
     load_lora,
+    lora_layers,
     lora_scale,
     mark_only_lora_as_trainable,
     save_lora,
@@ -143,8 +144,12 @@ from convlora.training.precision import (  # noqa: E402
 )
 from convlora.training.preflight import check_output_dir, check_resolution  # noqa: E402
 from convlora.training.prior import (  # noqa: E402
+    RECORD,
+    ClassImagesError,
+    PRIOR_TARGETS,
     ClassImageSettings,
     PriorPairs,
+    base_targets,
     check_class_cache,
     check_prior_args,
     class_image_source,
@@ -168,6 +173,8 @@ EMBEDDED_SCORE_CLASSES = ["bag", *KNOWN_CLASSES]
 #: The no-argument run's prior preservation: real images of every known class in kohya folders
 #: (``train_scripts/write_fashion_reg_images.py``); while absent, generated ones of these prompts.
 EMBEDDED_REG = REPO / "examples" / "fashion-reg"
+#: The base's own samples of the nine classes, a class-image cache made by write_fashion_prior_images.py.
+EMBEDDED_PRIOR = REPO / "examples" / "fashion-prior"
 EMBEDDED_CLASS_PROMPTS = [f"a photo of a {c}" for c in KNOWN_CLASSES]
 
 #: Defaults that depend on the run: (with your own model/data, with the embedded default).
@@ -179,11 +186,13 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "learning_rate": (1e-4, 2e-3),
     "lr_scheduler": ("constant", "cosine"),
     "lr_warmup_steps": (500, 20),
-    "rank": (4, 8),
+    "rank": (4, 43),
+    "unet_preset": ("full", "attn"),
     "center_crop": (False, True),
     "random_flip": (False, True),
     "validation_epochs": (1, 1000),
     "num_validation_images": (4, 32),
+    "validation_batch_size": (None, 160),
     "validation_guidance_scale": (7.5, 4.0),
     "validation_inference_steps": (30, 20),
     "validation_scheduler": (None, "euler_a"),
@@ -250,9 +259,10 @@ def _add_lora_arguments(p: ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=None, help="Rank of the LoRA updates " + _mode_default_help("rank"))
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank. Omitted: alpha = rank.")
-    g.add_argument("--unet_preset", type=str, default="full", choices=["attn", "attn-ff", "full"],
+    g.add_argument("--unet_preset", type=str, default=None, choices=["attn", "attn-ff", "full"],
                    help="UNet layers that get LoRA: 'attn' = to_q/k/v/out (diffusers' set), 'attn-ff' = + proj_in/out "
-                        "and feed-forward (kohya's LoRA), 'full' = + resnet and resampler convs (kohya's LoCon).")
+                        "and feed-forward (kohya's LoRA), 'full' = + resnet and resampler convs (kohya's LoCon) "
+                        + _mode_default_help("unet_preset"))
     g.add_argument("--conv_rank", type=int, default=None, help="Rank of the 3x3 convs ('full' preset; kohya's conv_dim). Omitted: --rank.")
     g.add_argument("--conv_alpha", type=float, default=None, help="Alpha of the 3x3 convs. Omitted: --conv_rank.")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch input while training.")
@@ -333,6 +343,11 @@ def _add_prior_arguments(p: ArgumentParser) -> None:
                    help="Prompt(s) of the class images, --num_class_images each. Embedded run: the nine known classes.")
     g.add_argument("--num_class_images", type=int, default=None, help="Class images per class prompt " + _mode_default_help("num_class_images"))
     g.add_argument("--prior_loss_weight", type=float, default=None, help="Weight of the class loss " + _mode_default_help("prior_loss_weight"))
+    g.add_argument("--prior_target", type=str, default=None, choices=PRIOR_TARGETS,
+                   help="What the class samples' predictions are compared with: 'noise', their own noise (DreamBooth), or "
+                        "'base', the frozen base's prediction on the same noisy class latents (output preservation: the "
+                        "class loss is 0 until the LoRA changes what the base predicts; one more no-grad UNet pass on "
+                        "the class half). Omitted: noise; base for the embedded run.")
     g.add_argument("--class_inference_steps", type=int, default=None,
                    help="Sampler steps of a generated class image (the pipeline folder's own sampler). Omitted: "
                         "--validation_inference_steps; 50 for the embedded run.")
@@ -415,6 +430,9 @@ def _add_validation_arguments(p: ArgumentParser) -> None:
     g.add_argument("--validation_prompt", type=str, nargs="+", default=None,
                    help="Prompt(s) sampled at validation, base vs LoRA side by side. Embedded run: the new concept and two known classes.")
     g.add_argument("--num_validation_images", type=int, default=None, help="Images per prompt " + _mode_default_help("num_validation_images"))
+    g.add_argument("--validation_batch_size", type=int, default=None,
+                   help="Images per validation pipeline call; whole prompts are batched together while they fit. "
+                        "Omitted: one prompt per call; 160 (5 prompts) for the embedded run.")
     g.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs " + _mode_default_help("validation_epochs"))
     g.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps (instead of epochs).")
     g.add_argument("--validation_inference_steps", type=int, default=None,
@@ -447,12 +465,13 @@ def _resolve_defaults(args: argparse.Namespace, p: ArgumentParser) -> None:
         args.validation_prompt = list(EMBEDDED_PROMPTS)
         if args.validation_score_classes is None and (EMBEDDED_BASE / "classifier" / "model.safetensors").is_file():
             args.validation_score_classes = list(EMBEDDED_SCORE_CLASSES)
+    if args.with_prior_preservation and args.prior_target is None:
+        args.prior_target = "base" if args.embedded else "noise"
+    args.shipped_class_images = False
     if args.embedded and args.with_prior_preservation and args.reg_data_dir is None:
-        if args.class_prompt is None and args.class_data_dir is None and EMBEDDED_REG.is_dir():
-            args.reg_data_dir = str(EMBEDDED_REG)
-        else:
-            args.class_prompt = args.class_prompt or list(EMBEDDED_CLASS_PROMPTS)
-            args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class_images"))
+        args.shipped_class_images = args.class_prompt is None and args.class_data_dir is None
+        args.class_prompt = args.class_prompt or list(EMBEDDED_CLASS_PROMPTS)
+        args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class_images"))
     args.class_inference_steps = args.class_inference_steps or (50 if args.embedded else args.validation_inference_steps)
     if args.class_guidance_scale is None:
         args.class_guidance_scale = args.validation_guidance_scale
@@ -490,7 +509,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "resolution", "rank", "conv_rank",
         "max_train_steps", "num_train_epochs", "checkpoints_total_limit", "max_train_samples", "lr_num_cycles",
         "max_consecutive_nonfinite_steps", "validation_steps", "validation_epochs", "num_validation_images",
-        "validation_inference_steps", "num_class_images", "class_inference_steps", "sample_batch_size")),
+        "validation_inference_steps", "validation_batch_size", "num_class_images", "class_inference_steps", "sample_batch_size")),
     ">= 0": (lambda v: 0 <= v < math.inf, (
         "lr_warmup_steps", "dataloader_num_workers", "noise_offset", "max_grad_norm", "adam_weight_decay",
         "validation_guidance_scale", "prior_loss_weight", "class_guidance_scale")),
@@ -525,7 +544,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         if args.enable_bucket:
             check_bucket_args(args.resolution, args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps)
         check_prior_args(bool(args.with_prior_preservation), args.class_data_dir, args.class_prompt, args.reg_data_dir,
-                         args.enable_bucket)
+                         args.enable_bucket, args.prior_target, bool(args.train_text_encoder))
     except ValueError as err:
         return str(err)
     return None
@@ -580,7 +599,8 @@ def prior_settings(args: argparse.Namespace) -> dict[str, Any]:
     metadata shows); empty without --with_prior_preservation."""
     if not args.with_prior_preservation:
         return {}
-    settings = {"--with_prior_preservation": True, "--prior_loss_weight": args.prior_loss_weight}
+    settings = {"--with_prior_preservation": True, "--prior_loss_weight": args.prior_loss_weight,
+                "--prior_target": args.prior_target}
     if args.reg_data_dir is not None:
         settings["--reg_data_dir"] = str(args.reg_data_dir)
     else:
@@ -789,6 +809,20 @@ def prepare_embedded_default(args: argparse.Namespace, is_main: bool) -> None:
                 write_toy_dataset(stand_in, n=32, size=args.resolution, caption=EMBEDDED_CONCEPT)
             args.train_data_dir = str(stand_in)
             logger.warning(f"{EMBEDDED_DATA} not found: using {stand_in} (generated discs captioned {EMBEDDED_CONCEPT!r})")
+    if args.shipped_class_images and shipped_class_images_fit(args):
+        args.class_data_dir = str(EMBEDDED_PRIOR)
+
+
+def shipped_class_images_fit(args: argparse.Namespace) -> bool:
+    """Whether examples/fashion-prior holds this run's class images: made with its settings (base,
+    steps, guidance, class seed, ...) and enough of them. Otherwise they are made in the output folder."""
+    if not (EMBEDDED_PRIOR / RECORD).is_file():
+        return False
+    try:
+        counts = check_class_cache(EMBEDDED_PRIOR, class_image_settings(args))
+    except ClassImagesError:
+        return False
+    return min(counts) >= args.num_class_images
 
 def class_image_settings(args: argparse.Namespace) -> ClassImageSettings:
     """What decides the pixels of the generated class images (recorded in --class_data_dir)."""
@@ -1178,6 +1212,26 @@ def train_loop(args: argparse.Namespace, accelerator: Accelerator, models: Model
     progress_bar.close()
 
 
+def frozen_base_prediction(accelerator: Accelerator, run: Run, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           conditions: dict[str, Any], part: slice) -> torch.Tensor:
+    """The UNet's prediction with its LoRA off (exactly the frozen base's) for ``part`` of the batch, (b, C, h, w).
+
+    It runs the module inside the DDP/FSDP wrapper: a forward without autograd, which DDP does not
+    track and FSDP2 serves by gathering the shards as for any forward."""
+    unet = accelerator.unwrap_model(run.unet)
+    if not lora_layers(unet):  # disable_lora would change nothing: the target would be the trained model itself
+        raise RuntimeError("--prior_target base needs the UNet's LoRA to switch off, and the UNet has none")
+    with disable_lora(unet):
+        return unet(noisy_latents[part], timesteps[part], **batch_part(conditions, part), return_dict=False)[0]
+
+
+def batch_part(tree: Any, part: slice) -> Any:
+    """Every tensor of a nested dict of batch tensors, sliced along the batch dimension."""
+    if isinstance(tree, dict):
+        return {key: batch_part(value, part) for key, value in tree.items()}
+    return tree[part] if isinstance(tree, torch.Tensor) else tree
+
+
 def train_step(args, accelerator: Accelerator, models: Models, run: Run, batch: dict, epoch: int, latent_scale: int,
                alphas_cumprod: torch.Tensor, window_losses: list[torch.Tensor]) -> bool:
     """Forward, backward and (at the end of an accumulation window) the optimizer step of one batch.
@@ -1209,6 +1263,9 @@ def train_step(args, accelerator: Accelerator, models: Models, run: Run, batch: 
                 conditions = models.family.unet_conditions(run.text_encoders, batch)
         # (d) predict and compare with the target (noise, velocity or x0)
         target = training_target(scheduler, latents, draws.noise, draws.timesteps, models.prediction_type)
+        if "is_class" in batch and args.prior_target == "base":  # before the LoRA's forward: its graph stays as it was
+            target = base_targets(target, batch["is_class"],
+                                  lambda part: frozen_base_prediction(accelerator, run, noisy_latents, draws.timesteps, conditions, part))
         model_pred = run.unet(noisy_latents, draws.timesteps, **conditions, return_dict=False)[0]
 
         def loss_of(part: slice) -> torch.Tensor:
@@ -1334,7 +1391,8 @@ def write_outputs(args, accelerator: Accelerator, models: Models, run: Run, star
             "base_model": args.pretrained_model_name_or_path,
             "train_data": args.train_data_dir or args.dataset_name,
             "num_train_images": len(instance_images(run.dataloader.dataset)),
-            "prior_preservation": {**prior_settings(args), "num_class_images_used": len(run.dataloader.dataset.classes)}
+            "prior_preservation": {**prior_settings(args), **({"class_data_dir": args.class_data_dir} if args.class_data_dir else {}),
+                                   "num_class_images_used": len(run.dataloader.dataset.classes)}
             if args.with_prior_preservation else None,
             "seconds": round(time.time() - started, 1),
             "outputs": {k: str(v) for k, v in run.outputs.items()},
@@ -1370,6 +1428,7 @@ def file_metadata(args, accelerator: Accelerator, models: Models, run: Run) -> d
             "noise_offset": args.noise_offset, "caption_dropout": args.caption_dropout,
             "enable_bucket": args.enable_bucket or None,
             "with_prior_preservation": prior or None, "prior_loss_weight": args.prior_loss_weight if prior else None,
+            "prior_target": args.prior_target if prior else None,
             "class_prompt": args.class_prompt if prior else None,
             "num_class_images": len(classes) if prior else None, "class_data": (args.reg_data_dir or args.class_data_dir) if prior else None,
             "cache_text_embeddings": args.cache_text_embeddings or None,
@@ -1426,16 +1485,24 @@ def validation_pipeline(args, accelerator: Accelerator, models: Models, run: Run
 
 @torch.no_grad()
 def sample_images(pipeline, args) -> list[list[Image.Image]]:
-    """``num_validation_images`` images per validation prompt, image ``i`` always from seed ``seed + i``."""
-    rows = []
-    for prompt in args.validation_prompt:
-        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+    """``num_validation_images`` images per validation prompt, image ``i`` always from seed ``seed + i``.
+
+    Whole prompts go into one pipeline call while they fit in ``--validation_batch_size`` images (at
+    least one prompt per call): on the small embedded base, fewer and larger calls spend less time
+    outside the UNet. The batch shape changes only the last bits of a sample."""
+    n = args.num_validation_images
+    per_call = max(1, (args.validation_batch_size or n) // n)
+    images = []
+    for first in range(0, len(args.validation_prompt), per_call):
+        prompts = args.validation_prompt[first:first + per_call]
+        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for _ in prompts for i in range(n)]
         out = pipeline(
-            [prompt] * args.num_validation_images, generator=generators, height=args.resolution, width=args.resolution,
-            num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+            [prompt for prompt in prompts for _ in range(n)], generator=generators, height=args.resolution,
+            width=args.resolution, num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
         )
-        rows.append(out.images)
-    return rows
+        images.extend(out.images)
+    return [images[k * n:(k + 1) * n] for k in range(len(args.validation_prompt))]
 
 
 def run_validation(args, accelerator: Accelerator, models: Models, run: Run, final: bool = False):

@@ -73,11 +73,12 @@ def _fsdp_cpu_config(tmp_path: Path) -> Path:
 # ---- DDP ------------------------------------------------------------------------------------------
 
 
-def test_two_process_ddp_with_prior_preservation_equals_one_process_double_batch(tiny_base, toy_data, tmp_path):
-    # DDP over gloo (the schedule does not depend on the process count either). Each process trains its own instance and class samples; both runs generate their class images
+def test_two_process_ddp_with_prior_preservation_against_the_base_equals_one_process_double_batch(tiny_base, toy_data, tmp_path):
+    # DDP over gloo (the schedule does not depend on the process count either). Each process trains its own instance and class samples
+    # (the class targets are the frozen base's predictions, made inside the DDP wrapper); both runs generate their class images
     # (the 2-process run on its main process while the other waits), which must come out the same.
     prior = dict(with_prior_preservation=True, class_prompt=["a photo of a coat", "a photo of a shirt"], num_class_images=3,
-                 class_inference_steps=2, sample_batch_size=4, prior_loss_weight=0.5)
+                 class_inference_steps=2, sample_batch_size=4, prior_loss_weight=0.5, prior_target="base")
     one, two = tmp_path / "one", tmp_path / "two"
     check_ok(launch(script_args(tiny_base, toy_data, one, train_batch_size=2, class_data_dir=one / "class", **COMMON, **prior)))
     output = check_ok(launch(script_args(tiny_base, toy_data, two, train_batch_size=1, class_data_dir=two / "class",
@@ -94,7 +95,8 @@ def test_two_process_ddp_with_prior_preservation_equals_one_process_double_batch
     assert all((one / "class" / name).read_bytes() == (two / "class" / name).read_bytes() for name in images)
     diff = _assert_equals_reference(two, one)
     assert summary(two)["prior_preservation"] == {**{f"--{k}": v for k, v in prior.items() if k != "sample_batch_size"},
-                                                  "--class_guidance_scale": 7.5, "--class_seed": 0, "num_class_images_used": 6}
+                                                  "--class_guidance_scale": 7.5, "--class_seed": 0, "class_data_dir": str(two / "class"),
+                                                  "num_class_images_used": 6}
     print(f"DDP vs 1 process with prior preservation: LoRA {diff:.2e}")
 
 

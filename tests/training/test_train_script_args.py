@@ -6,12 +6,13 @@ import json
 
 import pytest
 from PIL import Image
+from train_script_helpers import REPO
 
 
 def test_no_arguments_means_the_embedded_default(script):
     args = script.parse_args([])
     assert args.embedded and args.pretrained_model_name_or_path is None  # filled in by setup()
-    assert (args.resolution, args.rank, args.unet_preset, args.seed) == (32, 8, "full", 0)
+    assert (args.resolution, args.rank, args.unet_preset, args.seed) == (32, 43, "attn", 0)
     assert args.validation_prompt == script.EMBEDDED_PROMPTS and args.save_format == ["diffusers", "kohya"]
     assert args.output_dir == "out/sks-bag-lora"
 
@@ -30,6 +31,7 @@ def test_own_model_gets_the_diffusers_defaults(script):
         (["--validation_prompt", "a", "b", "--validation_score_classes", "bag"], "one class"),
         (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
         (["--unet_preset", "everything"], "invalid choice"),
+        (["--validation_batch_size", "0"], "--validation_batch_size must be >= 1"),
     ],
 )
 def test_argument_errors(script, capsys, argv, message):
@@ -51,15 +53,37 @@ def test_the_embedded_run_preserves_the_nine_known_classes(script):
     assert args.validation_score_classes == ["bag", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                                              "sneaker", "ankle boot"]
     assert args.validation_prompt[0] == "a photo of a sks bag" and args.validation_prompt[9] == "a photo of a ankle boot"
-    assert args.with_prior_preservation and args.reg_data_dir == str(script.EMBEDDED_REG) and args.class_prompt is None
-    assert script.run_settings(args) == {**script.adapter_settings(args), "--with_prior_preservation": True,
-                                         "--prior_loss_weight": 1.0, "--reg_data_dir": str(script.EMBEDDED_REG)}
-    generated = script.parse_args(["--class_data_dir", "c"])  # class images of the nine prompts, generated
-    assert generated.reg_data_dir is None and generated.class_prompt == script.EMBEDDED_CLASS_PROMPTS
-    assert script.prior_settings(generated) == {
-        "--with_prior_preservation": True, "--prior_loss_weight": 1.0, "--class_prompt": script.EMBEDDED_CLASS_PROMPTS,
-        "--num_class_images": 32, "--class_inference_steps": 50, "--class_guidance_scale": 4.0, "--class_seed": 0}
+    assert args.with_prior_preservation and args.reg_data_dir is None and args.class_prompt == script.EMBEDDED_CLASS_PROMPTS
+    assert script.prior_settings(args) == {
+        "--with_prior_preservation": True, "--prior_loss_weight": 1.0, "--prior_target": "base",
+        "--class_prompt": script.EMBEDDED_CLASS_PROMPTS, "--num_class_images": 32, "--class_inference_steps": 50,
+        "--class_guidance_scale": 4.0, "--class_seed": 0}
+    assert script.run_settings(args) == {**script.adapter_settings(args), **script.prior_settings(args)}
+    real = script.parse_args(["--reg_data_dir", str(script.EMBEDDED_REG)])  # real images, kohya folders
+    assert real.class_prompt is None and script.prior_settings(real) == {
+        "--with_prior_preservation": True, "--prior_loss_weight": 1.0, "--prior_target": "base",
+        "--reg_data_dir": str(script.EMBEDDED_REG)}
+    own = script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--with_prior_preservation",
+                             "--class_prompt", "a dog", "--class_data_dir", "c"])
+    assert own.prior_target == "noise"  # DreamBooth's class loss, unless asked
     assert script.prior_settings(script.parse_args(["--no-with_prior_preservation"])) == {}
+
+
+def _embedded_class_dir(script, tmp_path, argv: list[str]) -> str:
+    args = script.parse_args(["--output_dir", str(tmp_path / "out"), *argv])
+    script.prepare_embedded_default(args, is_main=False)
+    return args.class_data_dir
+
+
+@pytest.mark.skipif(not (REPO / "examples" / "fashion-prior" / "class_images.json").is_file(), reason="no shipped class images")
+def test_the_embedded_run_reads_the_shipped_class_images_only_when_they_are_its_own(script, tmp_path):
+    assert _embedded_class_dir(script, tmp_path, []) == str(script.EMBEDDED_PRIOR)
+    assert _embedded_class_dir(script, tmp_path, ["--num_class_images", "16"]) == str(script.EMBEDDED_PRIOR)
+    made_here = str(tmp_path / "out" / "class_images")  # other settings: made (and cached) in the output folder
+    for argv in (["--num_class_images", "33"], ["--class_guidance_scale", "2"], ["--class_seed", "1"],
+                 ["--class_inference_steps", "20"], ["--class_prompt", "a photo of a coat"]):
+        assert _embedded_class_dir(script, tmp_path, argv) == made_here, argv
+    assert _embedded_class_dir(script, tmp_path, ["--class_data_dir", "c"]) == "c"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -83,9 +107,8 @@ def test_the_default_adapter_is_plain_lora_with_its_formats_and_settings(script)
     assert (args.adapter, args.lokr_factor, args.lokr_decompose_both, args.dora_wd) == ("lora", None, False, False)
     assert script.adapter_kind_fields(args) == {} and script.kind_settings(args) == {}
     assert script.run_settings(args) == {
-        "--unet_preset": "full", "--rank": 8, "--lora_alpha": 8.0, "--train_text_encoder": False, "--conv_rank": 8,
-        "--conv_alpha": 8.0, "--with_prior_preservation": True, "--prior_loss_weight": 1.0,
-        "--reg_data_dir": str(script.EMBEDDED_REG)}
+        "--unet_preset": "attn", "--rank": 43, "--lora_alpha": 43.0, "--train_text_encoder": False,
+        **script.prior_settings(args)}
 
 
 @pytest.mark.parametrize(
@@ -106,7 +129,7 @@ def test_kind_flags_give_the_config_fields_the_checkpoint_settings_and_file_form
     assert args.save_format == formats
     recorded = script.run_settings(args)
     assert {k: v for k, v in recorded.items() if k in script.KIND_SETTING_DEFAULTS} == settings
-    assert recorded["--rank"] == 8  # the rest as for LoRA
+    assert recorded["--rank"] == 43  # the rest as for LoRA
 
 
 @pytest.mark.parametrize(
@@ -159,3 +182,24 @@ def test_a_checkpoint_of_one_kind_refuses_a_resume_with_another_kind_or_factor(s
     lora = checkpoint_of([], 4)  # a plain LoRA checkpoint records no kind flag, as before kinds existed
     assert "--adapter" not in json.loads((lora / "checkpoint.json").read_text())["settings"]
     assert refusal(lora, ["--adapter", "dora"]) == "--adapter 'lora' (checkpoint) vs 'dora' (this run)"
+
+
+def test_validation_prompts_batched_together_give_each_prompt_its_own_seeded_images(script, tiny_base):
+    import argparse
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    args = argparse.Namespace(validation_prompt=["a photo of a coat", "a photo of a sks bag", "a photo of a shirt"],
+                              num_validation_images=2, seed=5, resolution=32, validation_inference_steps=2,
+                              validation_guidance_scale=4.0, validation_batch_size=None)
+    one_by_one = script.sample_images(pipe, args)
+    args.validation_batch_size = 5  # two prompts (4 images) per call, then one
+    batched = script.sample_images(pipe, args)
+    assert [len(row) for row in batched] == [2, 2, 2]
+    for row_a, row_b in zip(one_by_one, batched):
+        for a, b in zip(row_a, row_b):
+            assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    assert np.asarray(batched[0][0]).tobytes() != np.asarray(batched[0][1]).tobytes()  # seed + i: not one image twice

@@ -236,7 +236,7 @@ def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_th
     reg.parent.mkdir()
     shutil.copytree(tmp_path / "wide", reg, ignore=shutil.ignore_patterns("metadata.jsonl", "[3-7].png"))
     common = dict(max_train_steps=12, checkpointing_steps=10, random_flip=True, caption_dropout=0.3, lr_scheduler="cosine",
-                  lr_warmup_steps=2, with_prior_preservation=True, reg_data_dir=tmp_path / "reg", prior_loss_weight=0.5,
+                  lr_warmup_steps=2, with_prior_preservation=True, reg_data_dir=tmp_path / "reg", prior_loss_weight=0.5, prior_target="base",
                   save_format=["native", "kohya"], use_8bit_adam=True, rank=16)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     output = check_ok(launch(script_args(tiny_base, instances.parent, straight, **common)))
@@ -259,7 +259,9 @@ def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_th
     assert header["ss_num_train_images"] == "16" and header["ss_prior_loss_weight"] == "0.5"
     # other prior settings on resume: refused (in this process; test_resume_path_that_does_not_exist_is_an_error
     # and test_argument_and_output_dir_errors_in_a_real_process refuse in a real process)
+    assert header["prior_target"] == "base"
     for change, named in ((dict(prior_loss_weight=1.0), "--prior_loss_weight 0.5 (checkpoint) vs 1.0 (this run)"),
+                          (dict(prior_target="noise"), "--prior_target 'base' (checkpoint) vs 'noise' (this run)"),
                           (dict(with_prior_preservation=False, reg_data_dir=None), "--with_prior_preservation True (checkpoint) vs None")):
         line = command_line_error(script, capsys, script_args(tiny_base, instances.parent, resumed, **{
             **common, **change, "resume_from_checkpoint": "checkpoint-10"}), 1)
@@ -315,11 +317,30 @@ def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
     if (REPO / "examples" / "tiny-sd-fashion" / "classifier" / "model.safetensors").is_file():
         assert set(s["concept_scores"]) == {"bag", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                                             "sneaker", "ankle boot"}
-        assert s["prior_preservation"]["--reg_data_dir"] == str(REPO / "examples" / "fashion-reg")
+        assert s["prior_preservation"]["class_data_dir"] == str(REPO / "examples" / "fashion-prior")  # shipped, not made
         assert s["prior_preservation"]["num_class_images_used"] == 288
         assert "concept score 'bag' ('a photo of a sks bag'): base" in output
     _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
-    assert header["unet_preset"] == "full" and header["resolution"] == "32"
+    assert header["unet_preset"] == "attn" and header["rank"] == "43" and header["resolution"] == "32"
+
+
+@pytest.mark.skipif(not (REPO / "examples" / "fashion-prior" / "class_images.json").is_file(), reason="no shipped class images")
+def test_the_shipped_class_images_are_what_the_script_makes_for_the_embedded_run(script, tmp_path):
+    # The first class prompt's 32 images made again by the script's own prior step (the seeds depend on the
+    # prompt text and image index, not on the other prompts), compared with the shipped ones.
+    from accelerate import Accelerator
+
+    shipped = REPO / "examples" / "fashion-prior"
+    prompt = script.EMBEDDED_CLASS_PROMPTS[0]
+    args = script.parse_args(["--class_data_dir", str(tmp_path / "made"), "--class_prompt", prompt])
+    script.prepare_embedded_default(args, is_main=True)
+    script.prepare_class_images(args, Accelerator(cpu=True))
+    record = json.loads((shipped / "class_images.json").read_text())
+    assert record["settings"]["prompts"][0] == prompt and record["counts"] == [32] * 9
+    made = [np.asarray(Image.open(tmp_path / "made" / f"p00-{i:05d}.png"), dtype=np.int16) for i in range(32)]
+    kept = [np.asarray(Image.open(shipped / f"p00-{i:05d}.png"), dtype=np.int16) for i in range(32)]
+    worst = max(int(np.abs(a - b).max()) for a, b in zip(made, kept))
+    assert worst <= 2, worst  # uint8 levels; another torch thread count may move the last bits of a float
 
 
 # ---- bad input end to end: one line, exit 1 or 2, nothing half-written ----------------------------
