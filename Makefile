@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(UV_MIRROR); $(UV) pip install -q --python $(PY) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
+# accelerate launch runs a CPU process on OMP_NUM_THREADS threads, 1 when unset: the demo takes every core.
+DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(DEMO_THREADS)} $(VENV)/bin/accelerate launch --config_file accelerate_config.yaml train_scripts/train_text_to_image_lora.py
 
 # The tests run TEST_WORKERS at a time (pytest-xdist worker processes); `make test TEST_WORKERS=0`
 # runs them in this one process. Tests marked xdist_group("name") run on one worker, one after

@@ -5,14 +5,16 @@ full fine-tuning, on the embedded run (teach "a photo of a sks bag", keep the ni
     .venv/bin/python benchmarks/concept_ablation.py --smoke    # 2 steps, 1 image per prompt: about a minute (a slow test)
 
 Each LoRA run is the training script with no model/data arguments (the demo's settings: prior
-preservation on the real images of the nine classes, lr, steps, sampler) and only ``--unet_preset`` /
+preservation on the base's own images of the nine classes against the base's predictions, lr, steps,
+sampler) and only ``--unet_preset`` /
 ``--rank`` / ``--seed`` changed; ranks are chosen so the trainable parameter counts match (counted here
 from the injected model, and written to the JSON):
 
     attn r43 = 247,680    attn-ff r20 = 253,440    full r8 = 249,600
 
 Full fine-tuning is the same script's steps (data, prior-preservation batches, train step, sampling)
-with the LoRA removed and every UNet weight trained (AdamW, ``--ft_learning_rate``); it is the
+with the LoRA removed and every UNet weight trained (AdamW, ``--ft_learning_rate``; the class targets
+come from a frozen copy of the base); it is the
 reference of what the adapters approximate. For each run: the concept score of the new concept,
 each known class's score as a fraction of the base's (drift), the lowest of those, and the wall time
 (with the load average, since other jobs on shared cores inflate it). Written as JSON to
