@@ -109,7 +109,9 @@ def test_metadata_file_name_that_is_a_number(script, capsys, tiny_base, tmp_path
 
 def _checkpoint(script, out, argv_settings, step=2):
     """A complete checkpoint as the script writes it (state files, LoRA file, settings), untrained."""
-    settings = script.adapter_settings(script.parse_args(argv_settings))
+    # the settings of a run on a model of one's own (the resuming runs below are), not of the embedded one
+    settings = script.adapter_settings(script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                                          *argv_settings]))
 
     def write(folder):
         (folder / "unet_lora.safetensors").write_bytes(b"not read before the checks")
