@@ -262,7 +262,8 @@ def test_resume_with_prior_preservation_from_kohya_folders_is_exact_and_keeps_th
     assert header["prior_target"] == "base"
     for change, named in ((dict(prior_loss_weight=1.0), "--prior_loss_weight 0.5 (checkpoint) vs 1.0 (this run)"),
                           (dict(prior_target="noise"), "--prior_target 'base' (checkpoint) vs 'noise' (this run)"),
-                          (dict(with_prior_preservation=False, reg_data_dir=None), "--with_prior_preservation True (checkpoint) vs None")):
+                          (dict(with_prior_preservation=False, reg_data_dir=None, prior_target=None),
+                           "--with_prior_preservation True (checkpoint) vs None")):
         line = command_line_error(script, capsys, script_args(tiny_base, instances.parent, resumed, **{
             **common, **change, "resume_from_checkpoint": "checkpoint-10"}), 1)
         assert named in line, line
