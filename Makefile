@@ -19,11 +19,15 @@ UV_MIRROR = idx="$$($(PY) -m pip config get global.extra-index-url 2>/dev/null)"
 .PHONY: demo test test-slow test-fuzz test-all lock bench bench-breakdown bench-lowmem bench-quant bench-kinds bench-kinds-demo bench-smoke clean-venv
 
 # A changed lock or pyproject rebuilds the venv from nothing, so a stale one never stands in for it.
+# --compile-bytecode: the .pyc files are written once, here. Python never writes them where
+# PYTHONDONTWRITEBYTECODE is set (as on our machines), and then every process compiles torch,
+# diffusers and transformers from source again: 36 s instead of 14 s before the script's --help.
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(UV_MIRROR); $(UV) pip install -q --python $(PY) -r $(LOCK) && $(UV) pip install -q --python $(PY) --no-deps -e .
+	$(UV_MIRROR); $(UV) pip install -q --compile-bytecode --python $(PY) -r $(LOCK) && \
+		$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
 # accelerate launch runs a CPU process on OMP_NUM_THREADS threads, 1 when unset: the demo takes every core.
