@@ -310,16 +310,18 @@ def _add_data_arguments(p: ArgumentParser) -> None:
                    help="Mirror half of the samples horizontally " + _mode_default_help("random_flip"))
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="Probability of training a sample with the empty caption (kohya's caption_dropout_rate).")
-    g.add_argument("--cache_latents", action="store_true",
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=None,
                    help="Encode every image with the VAE once before training (needs --center_crop, or images whose "
-                        "resize fills their square or bucket exactly).")
+                        "resize fills their square or bucket exactly). Omitted: off; on for the embedded run "
+                        "when it crops the centre.")
     g.add_argument("--cache_text_embeddings", "--cache_text_encoder_outputs", "--pre_compute_text_embeddings",
-                   dest="cache_text_embeddings", action="store_true",
+                   dest="cache_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="Run the frozen text encoders once per distinct caption before training (every caption of "
                         "every image, and the empty one under --caption_dropout; SDXL: both encoders' states and the "
                         "pooled embedding), never in the loop. The encoders are then deleted, or kept on the CPU "
                         "for --validation_prompt. Not with --train_text_encoder. (kohya: --cache_text_encoder_outputs; "
-                        "diffusers' DreamBooth: --pre_compute_text_embeddings.)")
+                        "diffusers' DreamBooth: --pre_compute_text_embeddings.) Omitted: off; on for the embedded run "
+                        "unless it trains the text encoder.")
     g.add_argument("--enable_bucket", action="store_true",
                    help="Aspect-ratio bucketing (kohya's): each image is resized and cropped into the bucket of about "
                         "--resolution^2 pixels nearest its aspect ratio; every batch comes from one bucket.")
@@ -350,7 +352,7 @@ def _add_prior_arguments(p: ArgumentParser) -> None:
                    help="What the class samples' predictions are compared with: 'noise', their own noise (DreamBooth), or "
                         "'base', the frozen base's prediction on the same noisy class latents (output preservation: the "
                         "class loss is 0 until the LoRA changes what the base predicts; one more no-grad UNet pass on "
-                        "the class half). Omitted: noise; base for the embedded run.")
+                        "the class half). Omitted: noise; base for the embedded run unless it trains the text encoder.")
     g.add_argument("--class_inference_steps", type=int, default=None,
                    help="Sampler steps of a generated class image (the pipeline folder's own sampler). Omitted: "
                         "--validation_inference_steps; 50 for the embedded run.")
@@ -464,12 +466,18 @@ def _resolve_defaults(args: argparse.Namespace, p: ArgumentParser) -> None:
     for name, values in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, values[mode])
+    # The embedded run caches what its frozen parts compute (the same numbers, a third less time),
+    # where that is allowed: latents without a random crop, text without a trained encoder.
+    if args.cache_latents is None:
+        args.cache_latents = bool(args.embedded and args.center_crop)
+    if args.cache_text_embeddings is None:
+        args.cache_text_embeddings = bool(args.embedded and not args.train_text_encoder)
     if args.embedded and args.validation_prompt is None:
         args.validation_prompt = list(EMBEDDED_PROMPTS)
         if args.validation_score_classes is None and (EMBEDDED_BASE / "classifier" / "model.safetensors").is_file():
             args.validation_score_classes = list(EMBEDDED_SCORE_CLASSES)
     if args.with_prior_preservation and args.prior_target is None:
-        args.prior_target = "base" if args.embedded else "noise"
+        args.prior_target = "base" if args.embedded and not args.train_text_encoder else "noise"
     args.shipped_class_images = False
     if args.embedded and args.with_prior_preservation and args.reg_data_dir is None:
         args.shipped_class_images = args.class_prompt is None and args.class_data_dir is None

@@ -15,6 +15,28 @@ def test_no_arguments_means_the_embedded_default(script):
     assert (args.resolution, args.rank, args.unet_preset, args.seed) == (32, 43, "attn", 0)
     assert args.validation_prompt == script.EMBEDDED_PROMPTS and args.save_format == ["diffusers", "kohya"]
     assert args.output_dir == "out/sks-bag-lora"
+    assert args.cache_latents and args.cache_text_embeddings
+
+
+@pytest.mark.parametrize(
+    "argv, latents, text",
+    [
+        (["--no-center_crop"], False, True),  # a random crop would change a cached latent
+        (["--train_text_encoder"], True, False),  # a trained encoder's outputs change every step
+        (["--no-cache_latents", "--no-cache_text_embeddings"], False, False),
+        (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"], False, False),
+        (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--cache_latents", "--cache_text_embeddings"], True, True),
+    ],
+)
+def test_the_embedded_run_caches_what_its_frozen_parts_compute(script, argv, latents, text):
+    args = script.parse_args(argv)
+    assert (args.cache_latents, args.cache_text_embeddings) == (latents, text)
+
+
+def test_the_embedded_run_with_a_trained_text_encoder_preserves_against_the_noise(script):
+    # the base's predictions would come from the base encoder's embeddings, which training changes
+    assert script.parse_args([]).prior_target == "base"
+    assert script.parse_args(["--train_text_encoder"]).prior_target == "noise"
 
 
 def test_own_model_gets_the_diffusers_defaults(script):
