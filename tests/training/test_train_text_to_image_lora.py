@@ -323,6 +323,8 @@ def test_no_model_or_data_arguments_uses_the_embedded_default(tmp_path):
         assert "concept score 'bag' ('a photo of a sks bag'): base" in output
     _, header = read_safetensors(out / "pytorch_lora_weights.safetensors")
     assert header["unet_preset"] == "attn" and header["rank"] == "43" and header["resolution"] == "32"
+    assert header["cache_text_embeddings"] == "True" and "Cached the text embeddings of 10 captions" in output
+    assert read_safetensors(out / "lora_kohya.safetensors")[1]["ss_cache_latents"] == "True"
 
 
 @pytest.mark.skipif(not (REPO / "examples" / "fashion-prior" / "class_images.json").is_file(), reason="no shipped class images")
