@@ -65,6 +65,9 @@ KEY_PREFIX = "base_model.model."
 #: Header entry of the PEFT files convlora writes for LoHa / LoKr: ``{path: base weight shape}`` (their
 #: flattened factors do not tell a conv's kernel from its channels). PEFT ignores the header.
 BASE_SHAPES_KEY = "convlora_base_shapes"
+#: adapter_config.json fields that describe the adapter's base, not its weights: kept in the metadata
+#: (under these keys) when a folder is read, so a folder converted or resized into a folder keeps them.
+CONFIG_METADATA_KEYS = {"base_model_name_or_path": "peft_base_model_name_or_path", "task_type": "peft_task_type"}
 #: ``r`` and ``alpha`` of a PEFT ``LoHaConfig`` / ``LoKrConfig`` that does not name them.
 LYCORIS_DEFAULT = 8
 
@@ -188,6 +191,15 @@ def read_peft_folder(folder: str | os.PathLike) -> LoRAWeights:
     return from_peft(tensors, header, config, source=str(weights_file))
 
 
+def _peft_metadata(header: Mapping[str, str], config: Mapping[str, Any] | None) -> dict[str, str]:
+    """The header's user metadata plus the config's base fields (:data:`CONFIG_METADATA_KEYS`, when set)."""
+    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
+    for field, key in CONFIG_METADATA_KEYS.items():
+        if isinstance((config or {}).get(field), str):
+            metadata[key] = config[field]
+    return metadata
+
+
 def from_peft(
     tensors: Mapping[str, Any], header: Mapping[str, str], config: Mapping[str, Any] | None, source: str = "file"
 ) -> LoRAWeights:
@@ -225,7 +237,7 @@ def from_peft(
     for path, g in conv_groups.items():
         modules[path].geometry = {"groups": g}  # what the file tells; dilation / padding mode it does not
     _attach_magnitudes(modules, groups, config, conv_groups, source)
-    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
+    metadata = _peft_metadata(header, config)
     return LoRAWeights(modules, use_rslora=use_rslora, metadata=metadata)
 
 
@@ -283,7 +295,7 @@ def _from_peft_lycoris(tensors, header, config, peft_type: str, source: str) -> 
         r = (rank_for(path, config) or LYCORIS_DEFAULT) if config else None
         alpha = alpha_for(path, LYCORIS_DEFAULT, config, field="alpha") if config else None
         modules[path] = lycoris_module(path, factors, peft_type, r, alpha, base_shapes.get(path), source)
-    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
+    metadata = _peft_metadata(header, config)
     return LoRAWeights(modules, metadata=metadata)
 
 
@@ -328,6 +340,8 @@ def write_peft_folder(
     (:mod:`convlora.formats.peft_kinds`).
 
     Modules recorded as grouped convs are written in PEFT's dense-A form (:func:`grouped_to_peft`).
+    ``base_model_name_or_path`` and ``task_type`` come from the weights' metadata when they were read
+    from a PEFT folder (:data:`CONFIG_METADATA_KEYS`); an explicit ``base_model_name_or_path`` wins.
 
     Raises:
         LoRAFormatError: kinds PEFT does not carry (LoHa / LoKr with DoRA) or several kinds in one adapter;
@@ -349,8 +363,10 @@ def write_peft_folder(
         tensors, config = _lycoris_folder_parts(weights, labels[0], fan_in_fan_out)
         shapes = {p: list(m.base_shape) for p, m in sorted(weights.modules.items()) if m.base_shape is not None}
         header = {BASE_SHAPES_KEY: json.dumps(shapes, sort_keys=True)} if shapes else {}
-    config = {"base_model_name_or_path": base_model_name_or_path, "task_type": None, **config,
-              "inference_mode": True, "modules_to_save": None}
+    carried = {field: weights.metadata.get(key) for field, key in CONFIG_METADATA_KEYS.items()}
+    if base_model_name_or_path is not None:
+        carried["base_model_name_or_path"] = base_model_name_or_path
+    config = {**carried, **config, "inference_mode": True, "modules_to_save": None}
     folder = Path(folder)
     write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **weights.metadata, **header})
     write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,7 @@ from torch import nn
 
 import convlora
 from convlora.testing import randomize_lora_
-from convlora.formats import LoRAFormatError, load_peft_adapter, save_peft_adapter
+from convlora.formats import LoRAFormatError, load_peft_adapter, read_lora_file, save_peft_adapter, write_peft_folder
 
 TOL = 1e-5
 
@@ -195,6 +195,35 @@ def test_peft_folder_converted_to_native_loads_with_core_load_lora(resnet, tmp_p
     assert sorted(convlora.load_lora(resnet, tmp_path / "native.safetensors")) == ["fc", "layer1.conv2", "layer2.conv2"]
     with torch.no_grad():
         assert _max_diff(resnet.eval()(x), expected) < TOL
+
+
+def test_a_peft_folder_resized_or_converted_to_a_folder_keeps_its_base_model_and_task_type(resnet, tmp_path, randomize_peft_lora):
+    from convlora.cli import main
+    from convlora.formats import convert_lora_file
+
+    peft_model = get_peft_model(copy.deepcopy(resnet), LoraConfig(r=3, lora_alpha=5, target_modules=["conv2", "fc"]))
+    randomize_peft_lora(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(base_model_name_or_path="org/tiny-resnet", task_type="FEATURE_EXTRACTION")
+    config_file.write_text(json.dumps(config))
+    assert main(["resize", str(tmp_path / "peft"), str(tmp_path / "resized"), "--rank", "2"]) == 0
+    convert_lora_file(tmp_path / "peft", tmp_path / "converted", "peft")
+    convert_lora_file(tmp_path / "peft", tmp_path / "native.safetensors", "native")
+    convert_lora_file(tmp_path / "native.safetensors", tmp_path / "via-native", "peft")  # carried in the header
+    for out in ("resized", "converted", "via-native"):
+        written = json.loads((tmp_path / out / "adapter_config.json").read_text())
+        assert (written["base_model_name_or_path"], written["task_type"]) == ("org/tiny-resnet", "FEATURE_EXTRACTION"), out
+    assert json.loads((tmp_path / "resized" / "adapter_config.json").read_text())["r"] == 2
+    # a folder without them writes none; an explicit base model wins over the carried one
+    weights = read_lora_file(tmp_path / "peft")[1]
+    weights.metadata.clear()
+    written = json.loads((write_peft_folder(weights, tmp_path / "plain") / "adapter_config.json").read_text())
+    assert (written["base_model_name_or_path"], written["task_type"]) == (None, None)
+    weights = read_lora_file(tmp_path / "peft")[1]
+    written = json.loads((write_peft_folder(weights, tmp_path / "named", "other/base") / "adapter_config.json").read_text())
+    assert (written["base_model_name_or_path"], written["task_type"]) == ("other/base", "FEATURE_EXTRACTION")
 
 
 # ---- conversion without the model: the native header records conv geometry --------------------
