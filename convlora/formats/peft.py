@@ -192,8 +192,11 @@ def read_peft_folder(folder: str | os.PathLike) -> LoRAWeights:
 
 
 def _peft_metadata(header: Mapping[str, str], config: Mapping[str, Any] | None) -> dict[str, str]:
-    """The header's user metadata plus the config's base fields (:data:`CONFIG_METADATA_KEYS`, when set)."""
-    metadata = {k: v for k, v in header.items() if k not in ("format", BASE_SHAPES_KEY)}
+    """The header's user metadata plus the config's base fields (:data:`CONFIG_METADATA_KEYS`, when set).
+
+    With a config, it alone says them: a header entry under those keys is not read."""
+    skipped = {"format", BASE_SHAPES_KEY, *(CONFIG_METADATA_KEYS.values() if config is not None else ())}
+    metadata = {k: v for k, v in header.items() if k not in skipped}
     for field, key in CONFIG_METADATA_KEYS.items():
         if isinstance((config or {}).get(field), str):
             metadata[key] = config[field]
@@ -368,7 +371,8 @@ def write_peft_folder(
         carried["base_model_name_or_path"] = base_model_name_or_path
     config = {**carried, **config, "inference_mode": True, "modules_to_save": None}
     folder = Path(folder)
-    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **weights.metadata, **header})
+    user_metadata = {k: v for k, v in weights.metadata.items() if k not in CONFIG_METADATA_KEYS.values()}  # in the config
+    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt", **user_metadata, **header})
     write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import convlora
+from convlora import read_safetensors
 from convlora.testing import randomize_lora_
 from convlora.formats import LoRAFormatError, load_peft_adapter, read_lora_file, save_peft_adapter, write_peft_folder
 
@@ -216,6 +217,11 @@ def test_a_peft_folder_resized_or_converted_to_a_folder_keeps_its_base_model_and
         written = json.loads((tmp_path / out / "adapter_config.json").read_text())
         assert (written["base_model_name_or_path"], written["task_type"]) == ("org/tiny-resnet", "FEATURE_EXTRACTION"), out
     assert json.loads((tmp_path / "resized" / "adapter_config.json").read_text())["r"] == 2
+    # in a folder the config alone says them: not copied into its header, and a config edited to null wins
+    assert not {"peft_base_model_name_or_path", "peft_task_type"} & set(read_safetensors(tmp_path / "converted" / "adapter_model.safetensors")[1])
+    edited = json.loads((tmp_path / "via-native" / "adapter_config.json").read_text())
+    (tmp_path / "via-native" / "adapter_config.json").write_text(json.dumps({**edited, "base_model_name_or_path": None}))
+    assert "peft_base_model_name_or_path" not in read_lora_file(tmp_path / "via-native")[1].metadata
     # a folder without them writes none; an explicit base model wins over the carried one
     weights = read_lora_file(tmp_path / "peft")[1]
     weights.metadata.clear()
